@@ -1,0 +1,51 @@
+"""One JSON line per request on stdout (journald keeps it): who, what, how it went, how long."""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+
+logger = logging.getLogger("appliance.access")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did; filled in as it passes through, written once at the end."""
+
+    request_id: str
+    method: str
+    route: str
+    started: float
+    status: int = 0
+    key: str = "-"
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+def configure(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(level.upper())
+
+
+def write(record: RequestRecord, duration_s: float) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "request_id": record.request_id,
+        "key": record.key,
+        "method": record.method,
+        "route": record.route,
+        "status": record.status,
+        "duration_ms": round(duration_s * 1000, 2),
+        "stream": record.stream,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+    }
+    if record.error:
+        line["error"] = record.error
+    logger.info(json.dumps(line))

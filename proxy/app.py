@@ -1,0 +1,150 @@
+"""create_app(settings): the gateway's parts, wired once, in the order a request meets them.
+
+    Appliance (request id, access log, request metrics)
+      ├── Gateway     /v1/* and vLLM's other API routes -> the engine
+      └── FastAPI     /health, /ready, /metrics, the OpenAPI description
+"""
+
+import contextlib
+import ipaddress
+import re
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from . import accesslog
+from .accesslog import RequestRecord
+from .auth import Authenticator
+from .errors import ProxyError
+from .forward import Forwarder
+from .gateway import GENERATION_ROUTES, Gateway, forwarded
+from .keys import KeyStore
+from .ledger import Ledger
+from .limits import RateLimiter
+from .metrics import Metrics
+from .settings import ProxySettings
+
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
+KNOWN_ROUTES = OPS_ROUTES | GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize"}
+
+
+def request_id_from(scope) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if SAFE_REQUEST_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def error_response(err: ProxyError) -> JSONResponse:
+    return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
+
+
+class Appliance:
+    """The outermost ASGI app: every request gets an id, a metric and one access-log line."""
+
+    def __init__(self, api: FastAPI, gateway: Gateway, metrics: Metrics) -> None:
+        self.api = api
+        self.gateway = gateway
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        path = scope["path"]
+        request_id = request_id_from(scope)
+        record = RequestRecord(request_id, scope["method"], path, time.monotonic())
+        scope.setdefault("state", {})["record"] = record
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            if forwarded(path):
+                await self.gateway(scope, receive, send_with_id)
+            else:
+                await self.api(scope, receive, send_with_id)
+        finally:
+            duration = time.monotonic() - record.started
+            route = path if path in KNOWN_ROUTES else "other"
+            self.metrics.requests.labels(route, str(record.status), record.key).inc()
+            self.metrics.latency.labels(route).observe(duration)
+            accesslog.write(record, duration)
+
+
+def create_app(settings: ProxySettings) -> Appliance:
+    metrics = Metrics()
+    # The store is created (schema, WAL) before serving so the CLI and proxy agree on it.
+    KeyStore(settings.keys_db).close()
+    auth = Authenticator(settings.keys_db, settings.key_cache_ttl_s)
+    forwarder = Forwarder(settings.engine_url, settings.engine_api_key, settings.max_inflight,
+                          on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
+    ledger = Ledger(settings.keys_db, settings.usage_flush_interval_s, metrics)
+    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        ledger.start()
+        await forwarder.engine_health()
+        try:
+            yield
+        finally:
+            await ledger.stop()
+            await forwarder.close()
+            auth.close()
+
+    api = FastAPI(title="inference-appliance gateway", lifespan=lifespan,
+                  description="OpenAI-compatible gateway in front of vLLM.")
+
+    @api.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(ProxyError(404, f"No route {request.url.path}.", "not_found"))
+
+    @api.exception_handler(405)
+    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(ProxyError(405, f"{request.method} is not allowed here.",
+                                         "method_not_allowed"))
+
+    @api.get("/health")
+    async def health() -> dict:
+        """The proxy is alive (says nothing about the engine)."""
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready() -> JSONResponse:
+        """Ready when the engine's own /health answers 200."""
+        ok, why = await forwarder.engine_health()
+        if ok:
+            return JSONResponse({"status": "ready"})
+        return error_response(ProxyError(503, f"Not ready: {why}.", "engine_not_ready",
+                                         headers={"Retry-After": "5"}))
+
+    @api.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics, to loopback clients only (NGINX passes the real client address)."""
+        real = request.headers.get("x-real-ip")
+        client = request.client.host if request.client else None
+        if not is_loopback(client) or (real is not None and not is_loopback(real)):
+            return error_response(ProxyError(403, "Metrics are served to loopback only.",
+                                             "forbidden"))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return Appliance(api, gateway, metrics)

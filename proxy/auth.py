@@ -1,0 +1,76 @@
+"""Bearer key -> the key's record, through a short-lived cache in front of the key store.
+
+Fails closed: a store that cannot answer means 503, never a guessed yes. Entries live at most
+``ttl`` seconds, so a revoked or expired key is refused within a second without a restart.
+"""
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from .errors import ProxyError, unauthorized
+from .keys import Key, KeyStore, StoreUnavailable
+
+CACHE_LIMIT = 10_000
+
+
+def bearer_secret(header: bytes | None) -> str | None:
+    """The secret from ``Authorization: Bearer <secret>``, or None when absent or malformed."""
+    if not header:
+        return None
+    scheme, _, secret = header.decode("latin-1").partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        return None
+    return secret
+
+
+class Authenticator:
+    def __init__(self, path: Path, ttl: float) -> None:
+        self.path = path
+        self.ttl = ttl
+        self.cache: dict[str, tuple[Key | None, float]] = {}
+        self.lock = threading.Lock()
+        self.store: KeyStore | None = None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    async def authenticate(self, header: bytes | None) -> Key:
+        secret = bearer_secret(header)
+        if secret is None:
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        now = time.monotonic()
+        cached = self.cache.get(secret)
+        if cached is None or now - cached[1] > self.ttl:
+            key = await asyncio.to_thread(self._lookup, secret)
+            if len(self.cache) >= CACHE_LIMIT:
+                self.cache.clear()
+            self.cache[secret] = (key, now)
+        else:
+            key = cached[0]
+        if key is None:
+            raise unauthorized("Invalid API key.")
+        if not key.usable(time.time()):
+            state = "revoked" if key.revoked_at is not None else "expired"
+            raise unauthorized(f"API key {key.name!r} is {state}.")
+        return key
+
+    def _lookup(self, secret: str) -> Key | None:
+        with self.lock:
+            try:
+                if self.store is None or not self.store.still_there():
+                    if self.store is not None:
+                        self.store.close()
+                        self.store = None
+                    self.store = KeyStore(self.path, busy_timeout_s=1.0, create=False)
+                return self.store.lookup(secret)
+            except StoreUnavailable as exc:
+                raise store_error(exc) from exc
+
+
+def store_error(exc: Exception) -> ProxyError:
+    return ProxyError(503, "The key store is unavailable; try again shortly.",
+                      "key_store_unavailable", headers={"Retry-After": "1"})

@@ -1,0 +1,62 @@
+"""The few request fields the gateway acts on, checked for type; everything else passes through.
+
+Returns the parsed body so the forwarder can read ``stream`` and ``max_tokens``; the bytes sent
+upstream stay the client's own unless the gateway must change them (see ``with_usage_requested``).
+"""
+
+import json
+
+from .errors import invalid
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(x) for x in value)
+
+
+def _valid_prompt(value: object) -> bool:
+    if isinstance(value, str) or _is_token_list(value):
+        return True
+    return isinstance(value, list) and all(isinstance(x, str) or _is_token_list(x) for x in value)
+
+
+def parse_request(raw: bytes) -> dict:
+    """Parse a JSON request body and check the fields the gateway relies on."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.")
+    if "model" in body and not isinstance(body["model"], str):
+        raise invalid("'model' must be a string.", "model")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise invalid(f"'{name}' must be a positive integer.", name)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise invalid("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object.", "stream_options")
+    if "messages" in body and not (
+        isinstance(body["messages"], list) and all(isinstance(m, dict) for m in body["messages"])
+    ):
+        raise invalid("'messages' must be a list of message objects.", "messages")
+    if "prompt" in body and not _valid_prompt(body["prompt"]):
+        raise invalid("'prompt' must be a string, a list of strings, or token ids.", "prompt")
+    return body
+
+
+def client_wants_usage(body: dict) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def with_usage_requested(body: dict) -> bytes:
+    """The body re-encoded with ``stream_options.include_usage`` on, so a stream reports usage."""
+    options = dict(body.get("stream_options") or {})
+    options["include_usage"] = True
+    return json.dumps({**body, "stream_options": options}, ensure_ascii=False).encode()

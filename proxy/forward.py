@@ -1,0 +1,191 @@
+"""The forwarder: one shared connection pool to the engine, and the two ways of relaying.
+
+A plain answer is read whole under the request's total deadline. A stream is relayed event by
+event as each arrives, under a first-token deadline and an idle deadline between chunks.
+Whenever the relay stops early (deadline, engine failure, client gone) the upstream response
+is closed, which closes its connection, which makes vLLM abort the generation.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from .errors import ProxyError, engine_unavailable
+from .usage import TokenUsage, from_sse_event
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"host",
+        b"authorization", b"date", b"server",
+    }
+)
+# Client headers the engine may see; everything else (cookies, the client's key) stays here.
+FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
+PARTIAL_EVENT_LIMIT = 1 << 20
+HEALTH_RECHECK_S = 0.5
+
+
+def timeout_error(what: str) -> ProxyError:
+    return ProxyError(504, f"The engine did not answer in time ({what}).", "timeout")
+
+
+def upstream_failed(exc: Exception) -> ProxyError:
+    return ProxyError(502, f"The engine failed while answering: {type(exc).__name__}.",
+                      "upstream_error")
+
+
+def upstream_headers(client: list[tuple[bytes, bytes]], request_id: str, engine_key: str,
+                     json_body: bool) -> list[tuple[bytes, bytes]]:
+    headers = [(k, v) for k, v in client if k in FORWARDED_REQUEST_HEADERS]
+    if json_body:
+        headers = [(k, v) for k, v in headers if k != b"content-type"]
+        headers.append((b"content-type", b"application/json"))
+    headers.append((b"x-request-id", request_id.encode()))
+    if engine_key:
+        headers.append((b"authorization", b"Bearer " + engine_key.encode()))
+    return headers
+
+
+def client_headers(upstream: httpx.Headers) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in upstream.raw if k.lower() not in HOP_BY_HOP]
+
+
+@dataclass
+class StreamOutcome:
+    """How a relayed stream ended, for accounting."""
+
+    usage: TokenUsage | None = None
+    first_chunk_at: float | None = None
+    error: ProxyError | None = None
+
+
+class Forwarder:
+    def __init__(self, engine_url: str, engine_key: str, max_connections: int,
+                 on_error: Callable[[str], None]) -> None:
+        self.engine_key = engine_key
+        self.on_error = on_error
+        self.client = httpx.AsyncClient(
+            base_url=engine_url,
+            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=5.0),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+        )
+        self.engine_ready = False
+        self.checked_at = 0.0
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def engine_health(self) -> tuple[bool, str]:
+        """Ask the engine's ``/health`` now; the answer also updates the readiness gate."""
+        self.checked_at = time.monotonic()
+        try:
+            response = await self.client.get("/health", timeout=2.0)
+        except httpx.HTTPError as exc:
+            self.engine_ready = False
+            return False, f"the engine is not reachable ({type(exc).__name__}); it may be loading"
+        self.engine_ready = response.status_code == 200
+        if self.engine_ready:
+            return True, "the engine is healthy"
+        return False, f"the engine reports {response.status_code}; the model may be loading"
+
+    async def ensure_ready(self) -> None:
+        """Refuse early, with ``Retry-After``, while the engine is down or loading."""
+        if self.engine_ready:
+            return
+        if time.monotonic() - self.checked_at >= HEALTH_RECHECK_S:
+            await self.engine_health()
+        if not self.engine_ready:
+            raise engine_unavailable("The engine is not ready; the model may still be loading.")
+
+    def _request(self, method: str, path: str, query: bytes, headers, content: bytes):
+        url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)
+        return self.client.build_request(method, url, headers=headers, content=content)
+
+    def _failure(self, exc: httpx.HTTPError) -> ProxyError:
+        if isinstance(exc, httpx.ConnectError):
+            self.engine_ready = False
+            self.on_error("connect")
+            return engine_unavailable("The engine is not accepting connections.")
+        if isinstance(exc, httpx.PoolTimeout):
+            self.on_error("pool")
+            return engine_unavailable("No connection to the engine is free.")
+        self.on_error("transport")
+        return upstream_failed(exc)
+
+    async def call(self, method: str, path: str, query: bytes, headers, content: bytes,
+                   total_s: float) -> httpx.Response:
+        """Send and read a whole answer within ``total_s``; past it, the request is dropped."""
+        request = self._request(method, path, query, headers, content)
+        try:
+            async with asyncio.timeout(total_s):
+                return await self.client.send(request)
+        except TimeoutError:
+            self.on_error("timeout")
+            raise timeout_error(f"{total_s:g}s for this request") from None
+        except httpx.HTTPError as exc:
+            raise self._failure(exc) from None
+
+    async def open_stream(self, method: str, path: str, query: bytes, headers,
+                          content: bytes) -> httpx.Response:
+        """Send and wait for the answer's headers; the caller's deadline bounds the wait."""
+        request = self._request(method, path, query, headers, content)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._failure(exc) from None
+
+    async def relay(self, response: httpx.Response, deadline: asyncio.Timeout, idle_s: float,
+                    strip_usage: bool, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+        """Yield complete SSE events as they arrive, noting usage and stripping what we added.
+
+        ``deadline`` is already armed with the first-token deadline; after each chunk it is
+        re-armed with the idle deadline, and disarmed while the client is being written to.
+        """
+        loop = asyncio.get_running_loop()
+        partial = b""
+        chunks = response.aiter_raw()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except httpx.HTTPError as exc:
+                outcome.error = self._failure(exc)
+                break
+            deadline.reschedule(None)
+            if outcome.first_chunk_at is None:
+                outcome.first_chunk_at = time.monotonic()
+            data = partial + chunk if partial else chunk
+            cut = data.rfind(b"\n\n") + 2
+            if cut == 1:
+                if len(data) <= PARTIAL_EVENT_LIMIT:
+                    partial = data
+                    deadline.reschedule(loop.time() + idle_s)
+                    continue
+                cut = len(data)
+            ready, partial = data[:cut], data[cut:]
+            if b'"usage"' in ready:
+                ready = self._take_usage(ready, strip_usage, outcome)
+            if ready:
+                yield ready
+            deadline.reschedule(loop.time() + idle_s)
+        if partial:
+            yield partial
+
+    @staticmethod
+    def _take_usage(ready: bytes, strip_usage: bool, outcome: StreamOutcome) -> bytes:
+        kept = []
+        for event in ready.split(b"\n\n"):
+            if not event:
+                continue
+            usage, only_usage = from_sse_event(event)
+            if usage is not None:
+                outcome.usage = usage
+            if not (only_usage and strip_usage):
+                kept.append(event + b"\n\n")
+        return b"".join(kept)

@@ -1,0 +1,262 @@
+"""The OpenAI routes: authenticate, check, limit, then forward to the engine.
+
+A pure ASGI handler rather than a framework route: it must see ``http.disconnect`` the moment
+it arrives (to abort the engine's work) and it sits on every request's path, so nothing here
+is done that a request does not need.
+"""
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+
+from .accesslog import RequestRecord
+from .auth import Authenticator
+from .body import client_wants_usage, parse_request, with_usage_requested
+from .errors import ProxyError, engine_unavailable
+from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
+from .ledger import Ledger
+from .limits import RateLimiter
+from .metrics import Metrics
+from .settings import ProxySettings
+from .timeouts import deadlines_for
+from .usage import TokenUsage, from_json_body
+
+# Routes that run the model and so get deadlines sized to the work; the rest get a short one.
+GENERATION_ROUTES = frozenset(
+    {
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+        "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/rerank", "/v1/score",
+        "/pooling", "/classify", "/score", "/rerank",
+    }
+)
+# vLLM's routes outside /v1 that clients legitimately call.
+EXTRA_ROUTES = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank"})
+log = logging.getLogger("appliance.proxy")
+# Uploads (audio) are multipart; every other POST body is JSON, whatever curl -d labels it.
+NOT_JSON = (b"multipart/", b"application/octet-stream")
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def forwarded(path: str) -> bool:
+    return path.startswith("/v1/") or path in EXTRA_ROUTES
+
+
+def is_json(headers: dict[bytes, bytes]) -> bool:
+    return not headers.get(b"content-type", b"").lower().startswith(NOT_JSON)
+
+
+class ClientGone(Exception):
+    """The client hung up; there is nobody left to answer."""
+
+
+async def read_body(receive, limit: int, declared: bytes | None) -> bytes:
+    too_large = ProxyError(413, f"The request body exceeds {limit} bytes.", "request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def send_answer(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def as_header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+@contextlib.asynccontextmanager
+async def cancelled_on_disconnect(receive):
+    """Cancel the enclosed work the moment the client disconnects, and raise ClientGone."""
+    task = asyncio.current_task()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+
+    def on_disconnect(done: asyncio.Future) -> None:
+        if not done.cancelled():
+            task.cancel()
+
+    watcher.add_done_callback(on_disconnect)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.remove_done_callback(on_disconnect)
+        watcher.cancel()
+
+
+class Gateway:
+    def __init__(self, settings: ProxySettings, auth: Authenticator, forwarder: Forwarder,
+                 limiter: RateLimiter, ledger: Ledger, metrics: Metrics) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.forwarder = forwarder
+        self.limiter = limiter
+        self.ledger = ledger
+        self.metrics = metrics
+        self.inflight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        record: RequestRecord = scope["state"]["record"]
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            await self.handle(scope, receive, send, record, extra)
+        except ProxyError as err:
+            record.error = err.code
+            headers = [(b"content-type", b"application/json"), *extra,
+                       *as_header_list(err.headers)]
+            await send_answer(send, err.status, headers, err.body())
+        except ClientGone:
+            record.status = 499
+            record.error = "client_disconnected"
+        except Exception:
+            log.exception("unexpected failure on %s (request %s)", scope["path"],
+                          record.request_id)
+            if record.status == 0:
+                err = ProxyError(500, "The gateway failed unexpectedly.", "internal_error")
+                await send_answer(send, 500, [(b"content-type", b"application/json")],
+                                  err.body())
+
+    async def handle(self, scope, receive, send, record: RequestRecord, extra: list) -> None:
+        headers = dict(scope["headers"])
+        key = await self.auth.authenticate(headers.get(b"authorization"))
+        record.key = key.name
+        raw = await read_body(receive, self.settings.max_body_bytes,
+                              headers.get(b"content-length"))
+        path, method = scope["path"], scope["method"]
+        body = parse_request(raw) if method == "POST" and is_json(headers) else None
+
+        now = time.monotonic()
+        decision = self.limiter.admit(key.name, key.rpm, key.tpm, now)
+        extra.extend(as_header_list(decision.headers))
+        if not decision.allowed:
+            self.metrics.rate_limited.labels(key.name, decision.reason).inc()
+            retry = str(max(1, math.ceil(decision.retry_after_s)))
+            raise ProxyError(429, f"Rate limit reached for {decision.reason} per minute on key "
+                             f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
+                             headers={"Retry-After": retry})
+        await self.forwarder.ensure_ready()
+        if self.inflight >= self.settings.max_inflight:
+            raise engine_unavailable("The engine is at capacity; retry shortly.")
+
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            deadlines = deadlines_for(body, path in GENERATION_ROUTES, self.settings)
+            upstream = upstream_headers(scope["headers"], record.request_id,
+                                        self.forwarder.engine_key, json_body=body is not None)
+            query = scope.get("query_string", b"")
+            if body is not None and body.get("stream") is True:
+                record.stream = True
+                strip = not client_wants_usage(body)
+                content = with_usage_requested(body) if strip else raw
+                await self.stream(method, path, query, upstream, content, deadlines, strip,
+                                  receive, send, record, extra)
+            else:
+                await self.unary(method, path, query, upstream, raw, deadlines.total,
+                                 receive, send, record, extra)
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def unary(self, method, path, query, upstream, content, total_s, receive, send,
+                    record: RequestRecord, extra) -> None:
+        try:
+            async with cancelled_on_disconnect(receive):
+                response = await self.forwarder.call(method, path, query, upstream, content,
+                                                     total_s)
+        except ClientGone:
+            self.metrics.upstream_aborts.labels("client_disconnected").inc()
+            raise
+        except ProxyError as err:
+            if err.status == 504:
+                self.metrics.upstream_aborts.labels("deadline").inc()
+            raise
+        usage = from_json_body(response.content) if response.status_code == 200 else None
+        self.account(record, usage)
+        await send_answer(send, response.status_code,
+                          [*client_headers(response.headers), *extra], response.content)
+
+    async def stream(self, method, path, query, upstream, content, deadlines, strip, receive,
+                     send, record: RequestRecord, extra) -> None:
+        outcome = StreamOutcome()
+        started = time.monotonic()
+        response = None
+        answered = False
+        try:
+            async with cancelled_on_disconnect(receive), asyncio.timeout(
+                deadlines.first_token
+            ) as deadline:
+                response = await self.forwarder.open_stream(method, path, query, upstream,
+                                                            content)
+                if response.status_code != 200:
+                    await response.aread()
+                    await send_answer(send, response.status_code,
+                                      [*client_headers(response.headers), *extra],
+                                      response.content)
+                    return
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [*SSE_HEADERS, *extra]})
+                answered = True
+                async for events in self.forwarder.relay(response, deadline, deadlines.idle,
+                                                         strip, outcome):
+                    await send({"type": "http.response.body", "body": events,
+                                "more_body": True})
+                if outcome.error is not None:
+                    await self.end_stream(send, outcome.error, record)
+                    return
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            self.metrics.upstream_aborts.labels("deadline").inc()
+            if outcome.first_chunk_at is None:
+                err = timeout_error(f"no first token within {deadlines.first_token:g}s")
+            else:
+                err = timeout_error(f"no new token within {deadlines.idle:g}s")
+            if not answered:
+                raise err from None
+            await self.end_stream(send, err, record)
+        except ClientGone:
+            self.metrics.upstream_aborts.labels("client_disconnected").inc()
+            raise
+        finally:
+            if response is not None:
+                await response.aclose()
+            if outcome.first_chunk_at is not None:
+                self.metrics.ttft.labels(path).observe(outcome.first_chunk_at - started)
+            self.account(record, outcome.usage)
+
+    async def end_stream(self, send, err: ProxyError, record: RequestRecord) -> None:
+        """Headers are gone already: the error travels as the stream's last event."""
+        record.error = err.code
+        await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
+
+    def account(self, record: RequestRecord, usage: TokenUsage | None) -> None:
+        usage = usage or TokenUsage()
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        self.ledger.record(record.key, usage.prompt_tokens, usage.completion_tokens)
+        if usage.total:
+            self.limiter.spend_tokens(record.key, usage.total, time.monotonic())
+            self.metrics.prompt_tokens.labels(record.key).inc(usage.prompt_tokens)
+            self.metrics.completion_tokens.labels(record.key).inc(usage.completion_tokens)

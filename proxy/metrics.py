@@ -1,0 +1,48 @@
+"""Prometheus collectors for the gateway, in a registry of its own.
+
+Labels carry key names, never secrets or hashes; ``/metrics`` is served to loopback only.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("appliance_requests_total", "Requests answered.",
+                                ["route", "status", "key"], registry=r)
+        self.latency = Histogram("appliance_request_duration_seconds",
+                                 "Time from request to the last byte of the answer.", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("appliance_time_to_first_token_seconds",
+                              "Time from request to the first streamed chunk.", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("appliance_prompt_tokens_total",
+                                     "Prompt tokens the engine reported.", ["key"], registry=r)
+        self.completion_tokens = Counter("appliance_completion_tokens_total",
+                                         "Completion tokens the engine reported.", ["key"],
+                                         registry=r)
+        self.inflight = Gauge("appliance_requests_in_flight",
+                              "Requests forwarded to the engine and not yet finished.",
+                              registry=r)
+        self.upstream_errors = Counter("appliance_upstream_errors_total",
+                                       "Engine failures seen by the gateway.", ["kind"],
+                                       registry=r)
+        self.upstream_aborts = Counter("appliance_upstream_aborts_total",
+                                       "Engine requests closed early (client gone, deadline).",
+                                       ["reason"], registry=r)
+        self.rate_limited = Counter("appliance_rate_limited_total",
+                                    "Requests refused by a per-key limit.", ["key", "limit"],
+                                    registry=r)
+        self.usage_write_failures = Counter("appliance_usage_write_failures_total",
+                                            "Usage flushes the key store refused (kept in memory).",
+                                            registry=r)
+        self.usage_unsaved = Gauge("appliance_usage_unsaved_requests",
+                                   "Requests whose usage is not yet written to the key store.",
+                                   registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

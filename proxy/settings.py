@@ -1,0 +1,65 @@
+"""Every knob of the gateway, read from ``APPLIANCE_*`` environment variables.
+
+Production reads them from ``/etc/appliance/appliance.env`` (systemd's ``EnvironmentFile``
+loads the same file); the process environment wins over the file.
+"""
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_FILE = Path("/etc/appliance/appliance.env")
+
+
+def readable_env_file(path: Path = ENV_FILE) -> Path | None:
+    """The env file when this user may read it; root-only files are loaded by systemd instead."""
+    return path if os.access(path, os.R_OK) else None
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ProxySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="ignore")
+
+    engine_url: str = "http://127.0.0.1:8000"
+    """Where vLLM's OpenAI server listens; loopback only."""
+    engine_api_key: str = ""
+    """The engine's internal key (vLLM ``--api-key``), sent in place of the client's key."""
+    keys_db: Path = Path("/var/lib/appliance/keys.db")
+    """SQLite file holding API key hashes, limits and usage."""
+
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+
+    timeout_base_s: PositiveFloat = 30.0
+    """Non-streaming deadline: this much for queueing and prefill ..."""
+    timeout_per_token_s: float = Field(0.05, ge=0)
+    """... plus this much per requested ``max_tokens`` (20 tokens/s, a loaded GPU's floor) ..."""
+    timeout_max_s: PositiveFloat = 600.0
+    """... never more than this; also the deadline when ``max_tokens`` is absent."""
+    stream_first_token_timeout_s: PositiveFloat = 60.0
+    """Streaming: the longest wait for the first chunk (queueing plus prefill)."""
+    stream_idle_timeout_s: PositiveFloat = 30.0
+    """Streaming: the longest gap between two chunks."""
+    short_timeout_s: PositiveFloat = 10.0
+    """Deadline for routes that generate nothing (``/v1/models``, tokenizer routes)."""
+
+    max_inflight: int = Field(256, ge=1)
+    """Requests in flight to the engine at once; more get 503 with ``Retry-After``."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (NGINX's ``client_max_body_size`` matches it)."""
+
+    key_cache_ttl_s: float = Field(0.5, ge=0, le=1)
+    """How long a looked-up key is trusted before the store is asked again (revocation latency)."""
+    usage_flush_interval_s: PositiveFloat = 1.0
+    """How often per-key usage is written to the key store."""
+
+    log_level: str = "info"
+
+
+def load_settings() -> ProxySettings:
+    return ProxySettings(_env_file=readable_env_file())

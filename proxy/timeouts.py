@@ -1,0 +1,41 @@
+"""How long a request may take, from what it asks for. Pure: no I/O, no clock."""
+
+from dataclasses import dataclass
+
+from .settings import ProxySettings
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds: a plain request has a ``total``; a stream a ``first_token`` and an ``idle``."""
+
+    total: float | None = None
+    first_token: float | None = None
+    idle: float | None = None
+
+
+def requested_tokens(body: dict) -> int | None:
+    """The completion length asked for (``max_completion_tokens`` is chat's newer name)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def deadlines_for(body: dict | None, generates: bool, settings: ProxySettings) -> Deadlines:
+    """A deadline that grows with the work asked: long generations live, stuck ones are cut.
+
+    Streams get no total: a healthy stream may run as long as it keeps producing.
+    """
+    if not generates:
+        return Deadlines(total=settings.short_timeout_s)
+    body = body or {}
+    if body.get("stream") is True:
+        return Deadlines(first_token=settings.stream_first_token_timeout_s,
+                         idle=settings.stream_idle_timeout_s)
+    tokens = requested_tokens(body)
+    if tokens is None:
+        return Deadlines(total=settings.timeout_max_s)
+    total = settings.timeout_base_s + settings.timeout_per_token_s * tokens
+    return Deadlines(total=min(total, settings.timeout_max_s))

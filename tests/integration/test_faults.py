@@ -1,0 +1,125 @@
+"""The gateway under failure: the engine dies, loads slowly, or the key store goes away."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+
+from tests.integration.proxy_stack import engine, gateway
+from tests.integration.test_gateway import CHAT, error_of, sse_events, wait_for
+from tests.servers import free_port
+
+
+def test_engine_killed_mid_stream_then_back(tmp_path):
+    port = free_port()
+    with engine(port=port) as first, gateway(first.url, tmp_path) as p:
+        body = {**CHAT, "stream": True, "max_tokens": 200, "fake": {"interval": 0.05}}
+        headers = p.headers()
+        plain = {}
+
+        def slow_plain() -> None:
+            plain["r"] = httpx.post(p.url + "/v1/chat/completions", headers=headers,
+                                    json={**CHAT, "fake": {"delay": 5}}, timeout=10)
+
+        waiter = threading.Thread(target=slow_plain)
+        waiter.start()
+        with httpx.stream("POST", p.url + "/v1/chat/completions", headers=p.headers(),
+                          json=body, timeout=10) as response:
+            chunks = response.iter_raw()
+            received = next(chunks)
+            os.killpg(first.proc.pid, signal.SIGKILL)
+            received += b"".join(chunks)
+        waiter.join()
+        events = sse_events(received.decode())
+        assert events[-2].startswith("event: error")
+        assert json.loads(events[-2].split("data: ", 1)[1])["error"]["code"] == "upstream_error"
+        assert plain["r"].status_code == 502 and error_of(plain["r"])["code"] == "upstream_error"
+
+        down = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=CHAT)
+        assert down.status_code == 503 and down.headers["retry-after"]
+        assert httpx.get(p.url + "/health").status_code == 200
+        assert httpx.get(p.url + "/ready").status_code == 503
+
+        with engine(port=port):
+            wait_for(lambda: httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                                        json=CHAT).status_code == 200, 5)
+
+
+def test_engine_slow_to_start_gives_503_with_retry_after_until_healthy(tmp_path):
+    with engine("--ready-after", "2") as slow, gateway(slow.url, tmp_path) as p:
+        ready = httpx.get(p.url + "/ready")
+        assert ready.status_code == 503 and "Not ready" in error_of(ready)["message"]
+        refused = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=CHAT)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert slow.stats()["completed"] == 0, "nothing reaches an engine that is not ready"
+        wait_for(lambda: httpx.get(p.url + "/ready").status_code == 200, 5)
+        assert httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                          json=CHAT).status_code == 200
+
+
+def test_key_store_removed_fails_closed_and_recovers(fake, tmp_path):
+    with gateway(fake.url, tmp_path, key_cache_ttl_s=0.1) as p:
+        headers = p.headers()
+        assert httpx.get(p.url + "/v1/models", headers=headers).status_code == 200
+        moved = p.db.with_suffix(".moved")
+        os.rename(p.db, moved)
+        time.sleep(0.2)
+        for h in (headers, {"Authorization": "Bearer sk-app-unknown"}):
+            refused = httpx.get(p.url + "/v1/models", headers=h)
+            assert refused.status_code == 503
+            assert error_of(refused)["code"] == "key_store_unavailable"
+        os.rename(moved, p.db)
+        wait_for(lambda: httpx.get(p.url + "/v1/models", headers=headers).status_code == 200)
+        assert httpx.get(p.url + "/v1/models",
+                         headers={"Authorization": "Bearer sk-app-unknown"}).status_code == 401
+
+
+def test_usage_survives_a_locked_store(fake, tmp_path):
+    import sqlite3
+
+    from tests.integration.test_gateway import usage_row
+
+    with gateway(fake.url, tmp_path) as p:
+        client = p.client("locked")
+        lock = sqlite3.connect(p.db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            for _ in range(3):
+                client.chat.completions.create(**CHAT)
+            time.sleep(0.5)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        wait_for(lambda: usage_row(p, "locked") == [3, 6, 12], 10)
+
+
+def test_keys_created_and_revoked_while_serving_lose_nothing(gw):
+    from tests.integration.proxy_stack import keys_cli
+    from tests.integration.test_gateway import usage_row
+
+    client = gw.client("busy")
+    stop = threading.Event()
+    errors = []
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            name = f"churn-{i}"
+            if keys_cli(gw.db, "create", "--name", name).returncode or keys_cli(
+                    gw.db, "revoke", name).returncode:
+                errors.append(name)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(20):
+            client.chat.completions.create(**CHAT)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+    wait_for(lambda: usage_row(gw, "busy") == [20, 40, 80])

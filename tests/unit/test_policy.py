@@ -1,0 +1,129 @@
+"""Pure policy: deadlines, rate-limit buckets and headers, request checks, usage parsing."""
+
+import json
+
+import pytest
+
+from proxy.body import client_wants_usage, parse_request, with_usage_requested
+from proxy.errors import ProxyError
+from proxy.limits import RateLimiter, reset_text
+from proxy.settings import ProxySettings
+from proxy.timeouts import Deadlines, deadlines_for
+from proxy.usage import TokenUsage, from_json_body, from_sse_event
+
+SETTINGS = ProxySettings(timeout_base_s=10, timeout_per_token_s=0.5, timeout_max_s=100,
+                         stream_first_token_timeout_s=7, stream_idle_timeout_s=3,
+                         short_timeout_s=2)
+
+
+def test_deadline_grows_with_max_tokens_and_is_capped():
+    assert deadlines_for({"max_tokens": 10}, True, SETTINGS) == Deadlines(total=15)
+    assert deadlines_for({"max_completion_tokens": 20}, True, SETTINGS) == Deadlines(total=20)
+    assert deadlines_for({"max_tokens": 10_000}, True, SETTINGS) == Deadlines(total=100)
+
+
+def test_deadline_without_max_tokens_is_the_cap():
+    assert deadlines_for({}, True, SETTINGS) == Deadlines(total=100)
+
+
+def test_stream_gets_first_token_and_idle_deadlines_not_a_total():
+    got = deadlines_for({"stream": True, "max_tokens": 5}, True, SETTINGS)
+    assert got == Deadlines(first_token=7, idle=3)
+
+
+def test_routes_that_generate_nothing_get_the_short_deadline():
+    assert deadlines_for(None, False, SETTINGS) == Deadlines(total=2)
+
+
+def test_request_bucket_admits_limit_then_refuses_with_retry_after():
+    limiter = RateLimiter()
+    for i in range(3):
+        decision = limiter.admit("a", 3, None, now=100.0)
+        assert decision.allowed
+        assert decision.headers["x-ratelimit-remaining-requests"] == str(2 - i)
+    refused = limiter.admit("a", 3, None, now=100.0)
+    assert not refused.allowed and refused.reason == "requests"
+    assert refused.retry_after_s == pytest.approx(20.0)
+    assert refused.headers["x-ratelimit-limit-requests"] == "3"
+    assert limiter.admit("a", 3, None, now=121.0).allowed
+
+
+def test_one_keys_limit_never_touches_another():
+    limiter = RateLimiter()
+    assert limiter.admit("a", 1, None, now=0).allowed
+    assert not limiter.admit("a", 1, None, now=0).allowed
+    assert limiter.admit("b", 1, None, now=0).allowed
+
+
+def test_token_bucket_refuses_once_usage_spent_it():
+    limiter = RateLimiter()
+    assert limiter.admit("a", None, 100, now=0).allowed
+    limiter.spend_tokens("a", 150, now=0)
+    refused = limiter.admit("a", None, 100, now=1)
+    assert not refused.allowed and refused.reason == "tokens"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert limiter.admit("a", None, 100, now=60).allowed
+
+
+def test_unlimited_key_carries_no_limit_headers():
+    assert RateLimiter().admit("a", None, None, now=0).headers == {}
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.12, "120ms"), (1, "1s"), (59.2, "1m0s"),
+                                               (61, "1m1s")])
+def test_reset_written_as_openai_does(seconds, text):
+    assert reset_text(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": "ten"}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": ["hi"]}, "messages"),
+        ({"model": 3}, "model"),
+        ({"stream": "yes"}, "stream"),
+        ({"prompt": {"a": 1}}, "prompt"),
+        ({"stream_options": []}, "stream_options"),
+    ],
+)
+def test_wrong_field_types_are_refused_naming_the_field(body, param):
+    with pytest.raises(ProxyError) as caught:
+        parse_request(json.dumps(body).encode())
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1,2]", b"\xff", b"null"])
+def test_malformed_or_non_object_json_is_refused(raw):
+    with pytest.raises(ProxyError) as caught:
+        parse_request(raw)
+    assert caught.value.status == 400
+
+
+def test_valid_request_keeps_unknown_fields():
+    body = {"model": "m", "prompt": [[1, 2], [3]], "top_k": 5, "guided_json": {"a": 1}}
+    assert parse_request(json.dumps(body).encode()) == body
+
+
+def test_usage_is_requested_for_the_client_only_when_absent():
+    body = {"stream": True, "stream_options": {"continuous_usage_stats": False}}
+    assert not client_wants_usage(body)
+    changed = json.loads(with_usage_requested(body))
+    assert changed["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+
+
+def test_usage_from_json_body():
+    content = json.dumps({"choices": [], "usage": {"prompt_tokens": 3,
+                                                   "completion_tokens": 4}}).encode()
+    assert from_json_body(content) == TokenUsage(3, 4)
+    assert from_json_body(b'{"data": []}') is None
+
+
+def test_usage_only_event_is_recognised_and_others_are_not_parsed():
+    usage_event = b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5}}'
+    assert from_sse_event(usage_event) == (TokenUsage(2, 5), True)
+    text_event = b'data: {"choices":[{"delta":{"content":"the \\"usage\\": {x}"}}]}'
+    assert from_sse_event(text_event) == (None, False)
