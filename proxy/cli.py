@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, store: KeyStore) -> int:
     elif args.command == "list":
         print(f"{'NAME':20} {'ENDS':6} {'RPM':>6} {'TPM':>8} {'CREATED':16} {'EXPIRES':16} STATE")
         now = time.time()
-        for key in store.keys():
+        for key in store.all_keys():
             state = "active" if key.usable(now) else (
                 "revoked" if key.revoked_at else "expired")
             print(f"{key.name:20} …{key.hint:5} {key.rpm or '-':>6} {key.tpm or '-':>8} "

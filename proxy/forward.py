@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 from .errors import ProxyError, engine_unavailable
+from .transport import EngineTransport
 from .usage import TokenUsage, from_sse_event
 
 HOP_BY_HOP = frozenset(
@@ -68,8 +69,11 @@ class Forwarder:
                  on_error: Callable[[str], None]) -> None:
         self.engine_key = engine_key
         self.on_error = on_error
+        url = httpx.URL(engine_url)
+        transport = EngineTransport(url.host, url.port or 80) if url.scheme == "http" else None
         self.client = httpx.AsyncClient(
             base_url=engine_url,
+            transport=transport,
             timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=5.0),
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),

@@ -135,7 +135,7 @@ class KeyStore:
         if cur.rowcount == 0:
             raise UnknownKey(f"no active key named {name!r}")
 
-    def keys(self) -> list[Key]:
+    def all_keys(self) -> list[Key]:
         rows = self.db.execute(
             "SELECT name, hint, rpm, tpm, created_at, expires_at, revoked_at"
             " FROM keys ORDER BY created_at"

@@ -49,13 +49,13 @@ def test_engine_killed_mid_stream_then_back(tmp_path):
 
 
 def test_engine_slow_to_start_gives_503_with_retry_after_until_healthy(tmp_path):
-    with engine("--ready-after", "2") as slow, gateway(slow.url, tmp_path) as p:
+    with engine("--ready-after", "8") as slow, gateway(slow.url, tmp_path) as p:
         ready = httpx.get(p.url + "/ready")
         assert ready.status_code == 503 and "Not ready" in error_of(ready)["message"]
         refused = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=CHAT)
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert slow.stats()["completed"] == 0, "nothing reaches an engine that is not ready"
-        wait_for(lambda: httpx.get(p.url + "/ready").status_code == 200, 5)
+        wait_for(lambda: httpx.get(p.url + "/ready").status_code == 200, 15)
         assert httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
                           json=CHAT).status_code == 200
 

@@ -281,11 +281,12 @@ def test_inflight_cap_answers_503_with_retry_after(fake, tmp_path):
 
     with gateway(fake.url, tmp_path, max_inflight=1) as p:
         body = {**CHAT, "stream": True, "max_tokens": 3, "fake": {"first_delay": 1.5}}
+        headers = p.headers()
         holder = threading.Thread(target=lambda: httpx.post(
-            p.url + "/v1/chat/completions", headers=p.headers(), json=body, timeout=10))
+            p.url + "/v1/chat/completions", headers=headers, json=body, timeout=10))
         holder.start()
         time.sleep(0.5)
-        refused = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=CHAT)
+        refused = httpx.post(p.url + "/v1/chat/completions", headers=headers, json=CHAT)
         holder.join()
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert error_of(refused)["type"] == "service_unavailable"

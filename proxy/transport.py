@@ -1,0 +1,223 @@
+"""A lean HTTP/1.1 transport to the engine, under httpx's API.
+
+httpx's default transport (httpcore, h11, anyio) parses HTTP in Python and polls every pooled
+connection before each request; profiles of the gateway showed it spending more than half its
+CPU there on streams. This transport keeps httpx's client API but talks to the one upstream the
+gateway has over asyncio protocols with httptools' C parser:
+
+- a LIFO pool of keep-alive connections; a connection the engine closed leaves the pool when
+  the loop reports it (no polling);
+- idle connections expire before the engine's own keep-alive timeout, so requests are never
+  sent into a closing connection and never need a retry;
+- closing a response before its end closes the connection, which is how the engine learns the
+  client is gone and aborts the generation.
+"""
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator
+
+import httptools
+import httpx
+
+READ_PAUSE_BYTES = 1 << 20
+# Below uvicorn's (and so vLLM's) 5 s keep-alive timeout, so the gateway never sends a request
+# on a connection the engine is closing; a failed request is then a real failure, never retried.
+KEEPALIVE_EXPIRY_S = 4.0
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.error: Exception | None = None
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.headers_done = False
+        self.keep_alive = False
+        self.complete = False
+        self.waiter: asyncio.Future | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"bad response from the engine: {exc}"))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete:
+            self._fail(httpx.RemoteProtocolError("the engine closed the connection mid-answer"))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > READ_PAUSE_BYTES:
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # used by the transport and the response stream
+
+    def _fail(self, exc: Exception) -> None:
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait(self, timeout: float | None) -> None:
+        """Until the parser has news (headers, body, end) or the connection fails."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            if timeout is None:
+                await self.waiter
+            else:
+                await asyncio.wait_for(self.waiter, timeout)
+        except TimeoutError:
+            raise httpx.ReadTimeout("the engine did not answer in time") from None
+        finally:
+            self.waiter = None
+
+    def take(self) -> bytes:
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        if self.buffered <= READ_PAUSE_BYTES // 2 and self.transport is not None:
+            self.transport.resume_reading()
+        return chunk
+
+    def reusable(self) -> bool:
+        return not self.closed and self.complete and not self.chunks and self.keep_alive
+
+    def start(self, head: bytes, body: bytes) -> None:
+        self._reset()
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self.transport.write(body)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+
+class ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, connection: Connection, pool: "EngineTransport",
+                 read_timeout: float | None) -> None:
+        self.connection = connection
+        self.pool = pool
+        self.read_timeout = read_timeout
+        self.released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self.connection
+        while True:
+            if conn.chunks:
+                yield conn.take()
+            elif conn.complete:
+                break
+            elif conn.error is not None:
+                raise conn.error
+            else:
+                await conn.wait(self.read_timeout)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.pool.release(self.connection)
+
+
+class EngineTransport(httpx.AsyncBaseTransport):
+    """Connections to one host and port; every request's URL must point there."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.idle: list[Connection] = []
+
+    async def _connect(self, timeout: float | None, request: httpx.Request) -> Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(Connection, self.host, self.port), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise httpx.ConnectError(f"cannot connect to the engine: {exc}",
+                                     request=request) from None
+        return conn
+
+    def _idle_connection(self) -> Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_EXPIRY_S:
+                return conn
+            conn.close()
+        return None
+
+    def release(self, conn: Connection) -> None:
+        if conn.reusable():
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        conn = self._idle_connection() or await self._connect(timeouts.get("connect"), request)
+        conn.start(request_head(request), request.content)
+        try:
+            while not conn.headers_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait(timeouts.get("read"))
+        except BaseException:
+            conn.close()
+            raise
+        return httpx.Response(
+            conn.parser.get_status_code(), headers=conn.headers,
+            stream=ResponseStream(conn, self, timeouts.get("read")), request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+def request_head(request: httpx.Request) -> bytes:
+    lines = [b"%s %s HTTP/1.1" % (request.method.encode(), request.url.raw_path)]
+    lines += [b"%s: %s" % (name, value) for name, value in request.headers.raw]
+    return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Benchmark the gateway against the fake engine directly and against a minimal pass-through.
+
+One run, same machine, same load, three contenders:
+  direct   the fast fake engine itself (tests/fake_engine.py)
+  floor    a ~30-line FastAPI + httpx pass-through defined below: the least a Python proxy costs
+  proxy    appliance-proxy with auth, rate limits, usage and metrics on
+
+Non-streaming load comes from wrk (C, not the bottleneck); streams from a raw asyncio client
+that only counts events. Prints a table; ``--csv FILE`` also writes the figures.
+
+    .venv/bin/python scripts/bench_proxy.py [--duration 10] [--csv results/proxy.csv]
+"""
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+STREAM = {**CHAT, "max_tokens": 256, "stream": True}
+
+
+def floor_app(upstream: str):
+    """The floor: one shared httpx client, StreamingResponse over aiter_raw(), nothing else."""
+    import httpx
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+    from starlette.background import BackgroundTask
+
+    app = FastAPI()
+    client = httpx.AsyncClient(base_url=upstream, timeout=None,
+                               limits=httpx.Limits(max_connections=512))
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(path: str, request: Request):
+        req = client.build_request(request.method, "/" + path, content=await request.body(),
+                                   headers={"content-type": "application/json"})
+        resp = await client.send(req, stream=True)
+        return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code,
+                                 media_type=resp.headers.get("content-type"),
+                                 background=BackgroundTask(resp.aclose))
+
+    return app
+
+
+def serve_floor(port: int, upstream: str) -> None:
+    import uvicorn
+
+    uvicorn.run(floor_app(upstream), host="127.0.0.1", port=port, log_level="warning",
+                loop="uvloop", http="httptools", access_log=False)
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%d %%f %%f %%f %%f\\n", summary.requests,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.timeout,
+    summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    summary.requests / (summary.duration / 1e6)))
+end
+"""
+
+
+def wrk(url: str, key: str, connections: int, seconds: int, workdir: Path) -> dict:
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT % (json.dumps(CHAT), key))
+    threads = min(connections, 2)
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+                          "-s", str(script), url + "/v1/chat/completions"],
+                         capture_output=True, text=True, check=True).stdout
+    match = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", out)
+    requests, errors, _, p50, p90, p99, rps = match.groups()
+    return {"requests": int(requests), "errors": int(errors), "p50_ms": float(p50) / 1000,
+            "p90_ms": float(p90) / 1000, "p99_ms": float(p99) / 1000, "rps": float(rps)}
+
+
+async def one_stream(port: int, key: str, body: bytes) -> tuple[int, float, bool]:
+    """Events received and time to first byte, from a raw HTTP/1.1 exchange."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nAuthorization: Bearer " + key.encode()
+                 + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    ttfb = None
+    events = 0
+    tail = b""
+    while chunk := await reader.read(65536):
+        if ttfb is None:
+            ttfb = time.perf_counter() - start
+        data = tail + chunk
+        events += data.count(b"data: ")
+        tail = data[-5:]
+        events -= tail.count(b"data: ")
+    writer.close()
+    ok = tail.endswith(b"\n\n") or b"[DONE]" in tail
+    return events, ttfb or 0.0, ok
+
+
+async def streams(port: int, key: str, concurrency: int, rounds: int) -> dict:
+    body = json.dumps(STREAM).encode()
+    start = time.perf_counter()
+    results = []
+    for _ in range(rounds):
+        results += await asyncio.gather(*(one_stream(port, key, body)
+                                          for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    events = sum(r[0] for r in results)
+    ttfbs = sorted(r[1] for r in results)
+    expected = (STREAM["max_tokens"] + 1) * len(results)
+    return {"events_per_s": events / elapsed, "ttfb_p50_ms": ttfbs[len(ttfbs) // 2] * 1000,
+            "stream_errors": expected - events}
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    wrk(url, key, 8, 2, workdir)  # warm-up
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    c1 = wrk(url, key, 1, args.duration, workdir)
+    c64 = wrk(url, key, 64, args.duration, workdir)
+    cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
+    sse = asyncio.run(streams(port, key, 64, args.stream_rounds))
+    row = {"contender": name, "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"],
+           "c64_rps": c64["rps"], "c64_p50_ms": c64["p50_ms"], "c64_p99_ms": c64["p99_ms"],
+           "errors": c1["errors"] + c64["errors"] + sse["stream_errors"],
+           "cpu_s_per_1k": 1000 * cpu / max(1, c1["requests"] + c64["requests"]) if pid else 0,
+           **sse, "rss_mb": rss_mb(pid) if pid else 0.0}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--stream-rounds", type=int, default=3)
+    parser.add_argument("--csv", type=Path)
+    parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(int(args.serve_floor[0]), args.serve_floor[1])
+        return
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    engine_port, floor_port, proxy_port = free_port(), free_port(), free_port()
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    db = workdir / "keys.db"
+    key = subprocess.run([str(VENV_BIN / "appliance-keys"), "--db", str(db), "create", "--name",
+                          "bench", "--rpm", "100000000", "--tpm", "1000000000"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
+           "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_MAX_INFLIGHT": "1024"}
+    rows = []
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(running(fake_engine(engine_port),
+                                             ready_url=engine_url + "/health"))
+        floor = stack.enter_context(running(
+            [sys.executable, __file__, "--serve-floor", str(floor_port), engine_url],
+            ready_url=f"http://127.0.0.1:{floor_port}/health"))
+        proxy = stack.enter_context(running(
+            [str(VENV_BIN / "appliance-proxy"), "--port", str(proxy_port)], env=env,
+            ready_url=f"http://127.0.0.1:{proxy_port}/ready"))
+        rows.append(measure("direct", engine_port, engine.pid, key, args, workdir))
+        rows.append(measure("floor", floor_port, floor.pid, key, args, workdir))
+        rows.append(measure("proxy", proxy_port, proxy.pid, key, args, workdir))
+    direct = rows[0]
+    for row in rows:
+        row["added_c1_p50_ms"] = row["c1_p50_ms"] - direct["c1_p50_ms"]
+        row["added_c1_p99_ms"] = row["c1_p99_ms"] - direct["c1_p99_ms"]
+    print_table(rows)
+    floor_row, proxy_row = rows[1], rows[2]
+    print(f"\nproxy/floor requests/s at c=64: {proxy_row['c64_rps'] / floor_row['c64_rps']:.2f}x"
+          f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["contender", "added_c1_p50_ms", "added_c1_p99_ms", "c64_rps", "c64_p50_ms",
+               "c64_p99_ms", "events_per_s", "ttfb_p50_ms", "cpu_s_per_1k", "rss_mb", "errors"]
+    print(" ".join(f"{c:>15}" for c in columns))
+    for row in rows:
+        cells = [f"{row[c]:>15.2f}" if isinstance(row[c], float) else f"{row[c]:>15}"
+                 for c in columns]
+        print(" ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
