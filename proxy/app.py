@@ -95,7 +95,7 @@ def create_app(settings: ProxySettings) -> Appliance:
     # The store is created (schema, WAL) before serving so the CLI and proxy agree on it.
     KeyStore(settings.keys_db).close()
     auth = Authenticator(settings.keys_db, settings.key_cache_ttl_s)
-    forwarder = Forwarder(settings.engine_url, settings.engine_api_key, settings.max_inflight,
+    forwarder = Forwarder(settings.engine_url, settings.engine_api_key,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(settings.keys_db, settings.usage_flush_interval_s, metrics)
     gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics)
