@@ -7,12 +7,14 @@
 
 import contextlib
 import ipaddress
+import json
 import re
 import time
 import uuid
+from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from . import accesslog
 from .accesslog import RequestRecord
@@ -26,6 +28,7 @@ from .limits import RateLimiter
 from .metrics import Metrics
 from .settings import ProxySettings
 
+GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
 KNOWN_ROUTES = OPS_ROUTES | GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize"}
@@ -47,6 +50,23 @@ def is_loopback(host: str | None) -> bool:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def describe_gateway_routes(api: FastAPI) -> None:
+    """Add the forwarded routes, which FastAPI never sees, to the OpenAPI description."""
+    generate = api.openapi
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            schema = generate()
+            extra = json.loads(GATEWAY_OPENAPI.read_text())
+            schema["paths"].update(extra["paths"])
+            components = schema.setdefault("components", {})
+            for section, entries in extra["components"].items():
+                components.setdefault(section, {}).update(entries)
+        return api.openapi_schema
+
+    api.openapi = openapi
 
 
 def error_response(err: ProxyError) -> JSONResponse:
@@ -113,22 +133,26 @@ def create_app(settings: ProxySettings) -> Appliance:
 
     api = FastAPI(title="inference-appliance gateway", lifespan=lifespan,
                   description="OpenAI-compatible gateway in front of vLLM.")
+    describe_gateway_routes(api)
 
     @api.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ProxyError(404, f"No route {request.url.path}.", "not_found"))
 
     @api.exception_handler(405)
-    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    async def not_allowed(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(ProxyError(405, f"{request.method} is not allowed here.",
-                                         "method_not_allowed"))
+                                         "method_not_allowed", headers=dict(exc.headers or {})))
+
+    error = {"description": "An error in OpenAI's shape.",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
     @api.get("/health")
     async def health() -> dict:
         """The proxy is alive (says nothing about the engine)."""
         return {"status": "ok"}
 
-    @api.get("/ready")
+    @api.get("/ready", responses={503: error})
     async def ready() -> JSONResponse:
         """Ready when the engine's own /health answers 200."""
         ok, why = await forwarder.engine_health()
@@ -137,14 +161,14 @@ def create_app(settings: ProxySettings) -> Appliance:
         return error_response(ProxyError(503, f"Not ready: {why}.", "engine_not_ready",
                                          headers={"Retry-After": "5"}))
 
-    @api.get("/metrics")
-    async def prometheus(request: Request) -> Response:
+    @api.get("/metrics", response_class=PlainTextResponse, responses={403: error})
+    async def prometheus(request: Request) -> PlainTextResponse:
         """Prometheus metrics, to loopback clients only (NGINX passes the real client address)."""
         real = request.headers.get("x-real-ip")
         client = request.client.host if request.client else None
         if not is_loopback(client) or (real is not None and not is_loopback(real)):
             return error_response(ProxyError(403, "Metrics are served to loopback only.",
                                              "forbidden"))
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return Appliance(api, gateway, metrics)

@@ -44,6 +44,15 @@ def forwarded(path: str) -> bool:
     return path.startswith("/v1/") or path in EXTRA_ROUTES
 
 
+def allowed_methods(path: str) -> tuple[str, ...]:
+    """vLLM's API reads with GET and acts with POST; anything else is refused before auth."""
+    if path == "/v1/models" or path.startswith("/v1/models/"):
+        return ("GET",)
+    if path in GENERATION_ROUTES or path in EXTRA_ROUTES:
+        return ("POST",)
+    return ("GET", "POST")
+
+
 def is_json(headers: dict[bytes, bytes]) -> bool:
     return not headers.get(b"content-type", b"").lower().startswith(NOT_JSON)
 
@@ -139,6 +148,10 @@ class Gateway:
                                   err.body())
 
     async def handle(self, scope, receive, send, record: RequestRecord, extra: list) -> None:
+        allowed = allowed_methods(scope["path"])
+        if scope["method"] not in allowed:
+            raise ProxyError(405, f"{scope['method']} is not allowed here.", "method_not_allowed",
+                             headers={"Allow": ", ".join(allowed)})
         headers = dict(scope["headers"])
         key = await self.auth.authenticate(headers.get(b"authorization"))
         record.key = key.name

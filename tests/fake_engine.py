@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 MODEL = "fake-model"
+CONTEXT_TOKENS = 4096
 
 
 class Stats:
@@ -79,6 +80,9 @@ class FakeEngine:
         except ValueError:
             await respond(send, 400, error("invalid JSON", 400))
             return
+        if not isinstance(request, dict) or not isinstance(request.get("fake") or {}, dict):
+            await respond(send, 400, error("the body must be a JSON object", 400))
+            return
         self.stats.last_body = request
         if path in ("/v1/chat/completions", "/v1/completions") and method == "POST":
             await self.generate(path, request, receive, send)
@@ -93,7 +97,10 @@ class FakeEngine:
         if "status" in fake:
             await respond(send, fake["status"], error("injected failure", fake["status"]))
             return
-        n = int(request.get("max_tokens") or 16)
+        n = request.get("max_tokens") or 16
+        if not isinstance(n, int) or n > CONTEXT_TOKENS:
+            await respond(send, 400, error(f"max_tokens must be at most {CONTEXT_TOKENS}", 400))
+            return
         prompt_tokens = count_prompt_tokens(request)
         if not request.get("stream"):
             if fake.get("delay"):
@@ -195,8 +202,9 @@ def error(message: str, status: int) -> dict:
 
 
 def count_prompt_tokens(request: dict) -> int:
-    if "messages" in request:
-        text = " ".join(str(m.get("content", "")) for m in request["messages"])
+    if isinstance(request.get("messages"), list):
+        text = " ".join(str(m.get("content", "")) for m in request["messages"]
+                        if isinstance(m, dict))
     else:
         text = str(request.get("prompt", ""))
     return max(1, len(text.split()))

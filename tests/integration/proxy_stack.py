@@ -65,9 +65,10 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def gateway(engine_url: str, workdir: Path, **settings: object) -> Iterator[Proxy]:
+def gateway(engine_url: str, workdir: Path, db_dir: Path | None = None,
+            **settings: object) -> Iterator[Proxy]:
     port = free_port()
-    db = workdir / f"keys-{port}.db"
+    db = (db_dir or workdir) / f"keys-{port}.db"
     log = workdir / f"proxy-{port}.log"
     env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_ENGINE_API_KEY": ENGINE_KEY,
            "APPLIANCE_KEYS_DB": str(db), "APPLIANCE_USAGE_FLUSH_INTERVAL_S": "0.2"}

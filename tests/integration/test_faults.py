@@ -1,12 +1,15 @@
 """The gateway under failure: the engine dies, loads slowly, or the key store goes away."""
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
 import httpx
+import pytest
 
 from tests.integration.proxy_stack import engine, gateway
 from tests.integration.test_gateway import CHAT, error_of, sse_events, wait_for
@@ -123,3 +126,36 @@ def test_keys_created_and_revoked_while_serving_lose_nothing(gw):
         worker.join()
     assert not errors
     wait_for(lambda: usage_row(gw, "busy") == [20, 40, 80])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs, so the disk can really fill up under the key store."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_keeps_serving_reports_and_loses_no_usage(fake, small_disk, tmp_path):
+    from tests.integration.test_gateway import usage_row
+
+    with gateway(fake.url, tmp_path, db_dir=small_disk) as p:
+        client = p.client("full")
+        client.chat.completions.create(**CHAT)
+        filler = small_disk / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as out:
+            while True:
+                out.write(b"\0" * 4096)
+                out.flush()
+        for _ in range(5):
+            client.chat.completions.create(**CHAT)
+        wait_for(lambda: "appliance_usage_write_failures_total 0.0" not in
+                 httpx.get(p.url + "/metrics").text, 5)
+        assert "usage not saved" in p.log.read_text()
+        filler.unlink()
+        wait_for(lambda: usage_row(p, "full") == [6, 12, 24], 5)
