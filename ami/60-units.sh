@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The appliance's systemd units and NGINX's drop-in, enabled for boot. Certificate renewal is
+# certbot's own timer (enable-tls.sh adds the deploy hook that reloads NGINX).
+set -euo pipefail
+src="${APPLIANCE_SRC:?APPLIANCE_SRC is required}"
+
+install -m 0644 "$src"/systemd/appliance-*.service /etc/systemd/system/
+install -d -m 0755 /etc/systemd/system/nginx.service.d
+install -m 0644 "$src/systemd/nginx.service.d/appliance.conf" \
+    /etc/systemd/system/nginx.service.d/appliance.conf
+systemctl daemon-reload
+systemctl enable appliance-firstboot.service appliance-firstboot-tls.service \
+    appliance-engine.service appliance-proxy.service nginx.service certbot.timer

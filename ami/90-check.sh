@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Checks the image before it is snapshotted: units load, NGINX's site parses, the GPU is
+# visible, the commands are installed.
+set -euo pipefail
+venv=/usr/local/lib/appliance/venv
+
+for unit in /etc/systemd/system/appliance-*.service; do
+    findings="$(systemd-analyze verify "$unit" 2>&1)"
+    if [ -n "$findings" ]; then
+        echo "$findings" >&2
+        exit 1
+    fi
+done
+"$venv/bin/python" -c 'import vllm, proxy, server; print("vllm", vllm.__version__)'
+for cmd in appliance-proxy appliance-engine appliance-keys; do
+    test -x "$venv/bin/$cmd"
+done
+for cmd in appliance-firstboot appliance-status appliance-smoke-test appliance-keys \
+    appliance-enable-tls; do
+    test -x "/usr/local/sbin/$cmd"
+done
+nvidia-smi -L
+# The driver must be new enough for the CUDA runtime in vLLM's wheels.
+"$venv/bin/python" -c 'import torch; assert torch.cuda.is_available(), "CUDA unusable"; print(torch.cuda.get_device_name(0))'
+nginx -t

@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""First boot of an appliance instance: settings from EC2 user data, a certificate, a first key.
+
+appliance-firstboot.service runs this once per instance, before the engine, the proxy and NGINX
+start. It is safe to run again by hand (``sudo appliance-firstboot``): settings the user data
+names are applied again, every other line of the env file is kept, secrets that exist are never
+regenerated, and the certificate and the admin key are made only when missing.
+
+At boot the work is split in two: ``--skip-tls`` (appliance-firstboot.service) runs before NGINX,
+and ``--tls-only`` (appliance-firstboot-tls.service) asks Let's Encrypt once NGINX serves the
+ACME challenge. By hand, with neither option, it does both.
+
+User data is plain ``KEY=VALUE`` lines (``#`` comments, optional ``export``, shell-style quotes):
+``APPLIANCE_*`` settings, plus ``DOMAIN`` and ``EMAIL`` to ask Let's Encrypt for a certificate.
+Values are never logged, only the names of the settings taken.
+
+Standard library only: it runs with the system's Python, before anything else is configured.
+Every path and command is an option (defaults from ``APPLIANCE_FIRSTBOOT_*`` variables), so the
+tests run it against a fake metadata service in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMDS_URL = "http://169.254.169.254"
+SCRIPTS_DIR = "/usr/local/lib/appliance/scripts"
+VENV_BIN = "/usr/local/lib/appliance/venv/bin"
+TOKEN_TTL_S = 300
+SETTING_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# What a user-data line may set; DOMAIN and EMAIL are stored under the APPLIANCE_ prefix.
+ALIASES = {"DOMAIN": "APPLIANCE_DOMAIN", "EMAIL": "APPLIANCE_EMAIL"}
+# Generated once per instance and kept across re-runs.
+GENERATED = ("APPLIANCE_ENGINE_API_KEY",)
+BARE_VALUE = re.compile(r"^[A-Za-z0-9_./:@,+=%-]*$")
+
+
+def log(message: str) -> None:
+    print(f"appliance-firstboot: {message}", file=sys.stderr, flush=True)
+
+
+# --- pure policy -------------------------------------------------------------------------------
+
+
+@dataclass
+class UserData:
+    settings: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    """Names (never values) of lines that were not taken, and why."""
+
+
+def parse_user_data(text: str) -> UserData:
+    """The appliance settings in user data; anything else is ignored and reported by name."""
+    result = UserData()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not SETTING_NAME.match(name):
+            result.ignored.append(f"line {number}: not KEY=VALUE")
+            continue
+        name = ALIASES.get(name, name)
+        if not name.startswith("APPLIANCE_"):
+            result.ignored.append(f"{name}: not an APPLIANCE_* setting")
+            continue
+        try:
+            words = shlex.split(value, comments=True)
+        except ValueError:
+            result.ignored.append(f"{name}: unbalanced quotes")
+            continue
+        result.settings[name] = " ".join(words)
+    return result
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """An env file this script wrote (or an operator edited in the same syntax)."""
+    return parse_user_data(text).settings
+
+
+def merge_settings(
+    defaults: Mapping[str, str],
+    existing: Mapping[str, str],
+    user: Mapping[str, str],
+    generated: Mapping[str, str],
+) -> dict[str, str]:
+    """User data wins for what it names, the file keeps the rest, the image's defaults and
+    generated secrets fill the gaps (a secret, once written, is never replaced)."""
+    merged = {**defaults, **existing, **user}
+    for name, value in generated.items():
+        if not merged.get(name):
+            merged[name] = value
+    return merged
+
+
+def quote_value(value: str) -> str:
+    """A value both systemd's EnvironmentFile and python-dotenv read back unchanged."""
+    if "\n" in value or "\r" in value:
+        raise ValueError("a setting cannot span lines")
+    if BARE_VALUE.match(value):
+        return value
+    if "'" not in value and "\\" not in value:
+        return f"'{value}'"
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def render_env(settings: Mapping[str, str]) -> str:
+    lines = [
+        "# Written by appliance-firstboot from EC2 user data; edit and restart the services.",
+        "# Re-running appliance-firstboot keeps lines the user data does not name.",
+    ]
+    lines += [f"{name}={quote_value(value)}" for name, value in sorted(settings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def wants_public_tls(settings: Mapping[str, str]) -> bool:
+    return bool(settings.get("APPLIANCE_DOMAIN") and settings.get("APPLIANCE_EMAIL"))
+
+
+# --- edges -------------------------------------------------------------------------------------
+
+
+class Imds:
+    """EC2's instance metadata service, version 2 (a session token on every read)."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._token: str | None = None
+
+    def _token_header(self) -> dict[str, str]:
+        if self._token is None:
+            request = urllib.request.Request(
+                f"{self.base_url}/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)},
+            )
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                self._token = response.read().decode().strip()
+        return {"X-aws-ec2-metadata-token": self._token}
+
+    def get(self, path: str) -> bytes | None:
+        """The document at ``path``, or None when the instance has none (404)."""
+        request = urllib.request.Request(
+            f"{self.base_url}/latest/{path}", headers=self._token_header()
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+
+def decode_user_data(raw: bytes) -> str:
+    """User data as text; EC2 passes it through as given, possibly gzip-compressed."""
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8")
+
+
+def read_metadata(imds: Imds, attempts: int, pause_s: float) -> tuple[str, str | None]:
+    """User data (empty when absent or unreachable) and the instance id, if known.
+
+    The network may come up a moment after this starts, so connection failures are retried.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            raw = imds.get("user-data")
+            instance_id = imds.get("meta-data/instance-id")
+            break
+        except (OSError, urllib.error.URLError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if attempt < attempts:
+                time.sleep(pause_s)
+                continue
+            log(
+                f"no instance metadata at {imds.base_url} within {imds.timeout}s, "
+                f"{attempts} attempt(s) ({reason}); "
+                "using the settings already on disk and the defaults"
+            )
+            return "", None
+    instance = instance_id.decode().strip() if instance_id else None
+    if raw is None:
+        log("this instance has no user data; using the defaults")
+        return "", instance
+    try:
+        return decode_user_data(raw), instance
+    except (OSError, UnicodeDecodeError, EOFError):
+        log("user data is neither text nor gzip-compressed text; ignoring it")
+        return "", instance
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    return parse_env_file(path.read_text()) if path.exists() else {}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with a file only its owner can read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def as_service_user(argv: list[str], user: str) -> list[str]:
+    """Run as the services' user when root, so the files they must write stay theirs."""
+    if user and os.geteuid() == 0:
+        return ["runuser", "-u", user, "--", *argv]
+    return argv
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def ensure_self_signed(args: argparse.Namespace) -> None:
+    if args.cert.exists() and args.cert_key.exists():
+        log(f"certificate {args.cert} exists; keeping it")
+        return
+    done = run([args.self_signed_cmd, str(args.cert), str(args.cert_key)])
+    if done.returncode != 0:
+        raise RuntimeError(f"{args.self_signed_cmd} failed: {done.stderr.strip()}")
+    log(f"made a self-signed certificate at {args.cert}")
+
+
+def ensure_admin_key(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+    """Create the first admin key once; its secret goes to a root-only file and nowhere else."""
+    if args.admin_key_file.exists() and args.admin_key_file.read_text().strip():
+        log(f"admin key file {args.admin_key_file} exists; keeping it")
+        return
+    db = settings.get("APPLIANCE_KEYS_DB") or str(args.state_dir / "keys.db")
+    argv = as_service_user(
+        [args.keys_cmd, "--db", db, "create", "--name", args.admin_key_name], args.service_user
+    )
+    done = run(argv)
+    secret = done.stdout.strip()
+    if done.returncode != 0 or not secret:
+        raise RuntimeError(f"creating the admin key failed: {done.stderr.strip()}")
+    write_private(args.admin_key_file, secret + "\n")
+    log(f"created API key {args.admin_key_name!r}; its secret is in {args.admin_key_file}")
+
+
+def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> bool:
+    """Ask for a Let's Encrypt certificate when configured; False when that failed."""
+    if not wants_public_tls(settings):
+        log("no DOMAIN and EMAIL in user data; serving the self-signed certificate")
+        return True
+    domain, email = settings["APPLIANCE_DOMAIN"], settings["APPLIANCE_EMAIL"]
+    done = run([args.enable_tls_cmd, domain, email])
+    if done.returncode != 0:
+        # DNS may not point here yet: keep serving the self-signed certificate.
+        log(
+            f"enable-tls for {domain} failed ({done.stderr.strip()[-500:]}); "
+            f"serving the self-signed certificate; retry with: {args.enable_tls_cmd} "
+            f"{domain} {email}"
+        )
+        return False
+    log(f"Let's Encrypt certificate installed for {domain}")
+    return True
+
+
+def env_default(name: str, default: str) -> str:
+    return os.environ.get(f"APPLIANCE_FIRSTBOOT_{name}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--imds-url", default=env_default("IMDS_URL", IMDS_URL))
+    p.add_argument("--imds-timeout", type=float, default=float(env_default("IMDS_TIMEOUT", "2")))
+    p.add_argument("--imds-attempts", type=int, default=int(env_default("IMDS_ATTEMPTS", "5")))
+    p.add_argument("--imds-pause", type=float, default=float(env_default("IMDS_PAUSE", "2")))
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        default=Path(env_default("ENV_FILE", "/etc/appliance/appliance.env")),
+    )
+    p.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=Path(env_default("ADMIN_KEY_FILE", "/etc/appliance/admin-key")),
+    )
+    p.add_argument("--admin-key-name", default=env_default("ADMIN_KEY_NAME", "admin"))
+    p.add_argument(
+        "--state-dir", type=Path, default=Path(env_default("STATE_DIR", "/var/lib/appliance"))
+    )
+    p.add_argument(
+        "--cert", type=Path, default=Path(env_default("CERT", "/etc/appliance/tls/self-signed.crt"))
+    )
+    p.add_argument(
+        "--cert-key",
+        type=Path,
+        default=Path(env_default("CERT_KEY", "/etc/appliance/tls/self-signed.key")),
+    )
+    p.add_argument(
+        "--defaults-file",
+        type=Path,
+        default=Path(env_default("DEFAULTS_FILE", "/etc/appliance/image-defaults.env")),
+        help="settings the image was built with (a pre-baked model); lowest precedence",
+    )
+    p.add_argument(
+        "--self-signed-cmd",
+        default=env_default("SELF_SIGNED_CMD", f"{SCRIPTS_DIR}/make-self-signed.sh"),
+    )
+    p.add_argument(
+        "--enable-tls-cmd", default=env_default("ENABLE_TLS_CMD", f"{SCRIPTS_DIR}/enable-tls.sh")
+    )
+    # The virtualenv's command itself: /usr/local/sbin/appliance-keys switches user on its own.
+    p.add_argument("--keys-cmd", default=env_default("KEYS_CMD", f"{VENV_BIN}/appliance-keys"))
+    p.add_argument(
+        "--service-user",
+        default=env_default("SERVICE_USER", "appliance"),
+        help="run appliance-keys as this user when root ('' to not switch)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--skip-tls",
+        action="store_true",
+        help="leave Let's Encrypt to a later --tls-only run (the boot units do this: NGINX "
+        "must serve the ACME challenge, and it starts after first boot)",
+    )
+    mode.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="only request the Let's Encrypt certificate the env file's DOMAIN/EMAIL name",
+    )
+    return p.parse_args(argv)
+
+
+def public_tls(args: argparse.Namespace) -> int:
+    """``--tls-only``: after NGINX is up (certbot's HTTP-01 challenge goes through it)."""
+    settings = read_env_file(args.env_file)
+    if maybe_enable_tls(args, settings):
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        (args.state_dir / "firstboot-tls.done").write_text("done\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.tls_only:
+        return public_tls(args)
+    imds = Imds(args.imds_url, args.imds_timeout)
+    user_data, instance_id = read_metadata(imds, args.imds_attempts, args.imds_pause)
+    parsed = parse_user_data(user_data)
+    for reason in parsed.ignored:
+        log(f"user data ignored: {reason}")
+    if parsed.settings:
+        log(f"settings from user data: {', '.join(sorted(parsed.settings))}")
+
+    defaults = read_env_file(args.defaults_file)
+    existing = read_env_file(args.env_file)
+    generated = {name: secrets.token_urlsafe(32) for name in GENERATED}
+    settings = merge_settings(defaults, existing, parsed.settings, generated)
+    write_private(args.env_file, render_env(settings))
+    log(f"wrote {args.env_file} ({len(settings)} settings, mode 0600)")
+
+    try:
+        ensure_self_signed(args)
+        ensure_admin_key(args, settings)
+    except RuntimeError as exc:
+        log(str(exc))
+        return 1
+    if args.skip_tls:
+        if wants_public_tls(settings):
+            log("Let's Encrypt is requested once NGINX runs (appliance-firstboot-tls.service)")
+    else:
+        maybe_enable_tls(args, settings)
+
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    (args.state_dir / "firstboot.done").write_text(f"{instance_id or 'unknown'}\n")
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

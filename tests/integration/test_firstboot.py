@@ -1,0 +1,418 @@
+"""appliance-firstboot against a fake EC2 metadata service (IMDSv2) on loopback.
+
+Everything else is real: the certificate comes from scripts/make-self-signed.sh, the admin key
+from the real appliance-keys into a real key store, and the NGINX site the image serves is
+rendered with that certificate and checked by `nginx -t`.
+"""
+
+import contextlib
+import gzip
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+from tests.servers import ROOT, VENV_BIN, free_port
+
+SCRIPT = ROOT / "scripts" / "appliance_firstboot.py"
+TOKEN = "imds-session-token"
+
+
+@dataclass
+class Imds:
+    url: str
+    user_data: str | None
+    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
+    """(method, path, the token header) of every request."""
+
+
+@contextlib.contextmanager
+def fake_imds(
+    user_data: str | bytes | None, instance_id: str = "i-0123456789abcdef0", port: int = 0
+) -> Iterator[Imds]:
+    """PUT /latest/api/token, then GETs that must carry the token, as IMDSv2 requires."""
+    state = Imds("", user_data)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, code: int, body: str | bytes = "") -> None:
+            data = body.encode() if isinstance(body, str) else body
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_PUT(self):
+            state.seen.append(("PUT", self.path, None))
+            if self.path == "/latest/api/token" and self.headers.get(
+                "X-aws-ec2-metadata-token-ttl-seconds"
+            ):
+                self.reply(200, TOKEN)
+            else:
+                self.reply(400)
+
+        def do_GET(self):
+            state.seen.append(("GET", self.path, self.headers.get("X-aws-ec2-metadata-token")))
+            if self.headers.get("X-aws-ec2-metadata-token") != TOKEN:
+                self.reply(401)
+            elif self.path == "/latest/user-data":
+                self.reply(404) if state.user_data is None else self.reply(200, state.user_data)
+            elif self.path == "/latest/meta-data/instance-id":
+                self.reply(200, instance_id)
+            else:
+                self.reply(404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class Host:
+    """The paths first boot writes, all inside a temporary directory."""
+
+    root: Path
+
+    @property
+    def env_file(self) -> Path:
+        return self.root / "etc" / "appliance.env"
+
+    @property
+    def admin_key(self) -> Path:
+        return self.root / "etc" / "admin-key"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "etc" / "tls" / "self-signed.crt"
+
+    @property
+    def cert_key(self) -> Path:
+        return self.root / "etc" / "tls" / "self-signed.key"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def defaults(self) -> Path:
+        return self.root / "etc" / "image-defaults.env"
+
+    def command(
+        self, imds_url: str, enable_tls: str = "/bin/false", timeout: float = 2.0, attempts: int = 1
+    ) -> list[str]:
+        return [
+            sys.executable,
+            str(SCRIPT),
+            "--imds-url",
+            imds_url,
+            "--imds-timeout",
+            str(timeout),
+            "--imds-attempts",
+            str(attempts),
+            "--imds-pause",
+            "0.2",
+            "--env-file",
+            str(self.env_file),
+            "--admin-key-file",
+            str(self.admin_key),
+            "--state-dir",
+            str(self.state),
+            "--cert",
+            str(self.cert),
+            "--cert-key",
+            str(self.cert_key),
+            "--defaults-file",
+            str(self.defaults),
+            "--self-signed-cmd",
+            str(ROOT / "scripts" / "make-self-signed.sh"),
+            "--enable-tls-cmd",
+            enable_tls,
+            "--keys-cmd",
+            str(VENV_BIN / "appliance-keys"),
+            "--service-user",
+            "",
+        ]
+
+    def firstboot(self, imds_url: str, *flags: str, **options) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*self.command(imds_url, **options), *flags], capture_output=True, text=True, timeout=60
+        )
+
+    def keys(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(VENV_BIN / "appliance-keys"), "--db", str(self.state / "keys.db"), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+
+@pytest.fixture
+def host(tmp_path) -> Host:
+    return Host(tmp_path)
+
+
+USER_DATA = """\
+# appliance settings
+APPLIANCE_MODEL=Qwen/Qwen2.5-0.5B-Instruct
+APPLIANCE_MAX_INFLIGHT=32
+APPLIANCE_HF_TOKEN=hf_secret_value_never_logged
+NOT_OURS=should-be-ignored
+"""
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_first_boot_writes_settings_certificate_and_admin_key(host):
+    with fake_imds(USER_DATA) as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    logs = done.stdout + done.stderr
+
+    env = dotenv_values(host.env_file)
+    assert env["APPLIANCE_MODEL"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert env["APPLIANCE_MAX_INFLIGHT"] == "32"
+    assert "NOT_OURS" not in env
+    assert len(env["APPLIANCE_ENGINE_API_KEY"]) >= 32
+    assert mode(host.env_file) == 0o600
+
+    secret = host.admin_key.read_text().strip()
+    assert mode(host.admin_key) == 0o600
+    assert "admin" in host.keys("list").stdout
+    for value in (secret, env["APPLIANCE_ENGINE_API_KEY"], "hf_secret_value_never_logged"):
+        assert value not in logs
+    assert "APPLIANCE_HF_TOKEN" in logs  # names of settings are logged, values never
+    assert "NOT_OURS" in logs
+
+    subprocess.run(
+        ["openssl", "x509", "-in", str(host.cert), "-noout", "-checkend", "86400"],
+        check=True,
+        capture_output=True,
+    )
+    assert mode(host.cert_key) == 0o600
+    assert (host.state / "firstboot.done").read_text().strip() == "i-0123456789abcdef0"
+
+    # IMDSv2: a token first, and every read carries it.
+    assert imds.seen[0][:2] == ("PUT", "/latest/api/token")
+    gets = [token for method, _, token in imds.seen if method == "GET"]
+    assert gets and all(token == TOKEN for token in gets)
+
+
+def test_rerun_keeps_secrets_and_operator_edits_and_applies_user_data(host):
+    with fake_imds(USER_DATA) as imds:
+        assert host.firstboot(imds.url).returncode == 0
+        first_env = dotenv_values(host.env_file)
+        first_key = host.admin_key.read_text()
+        first_cert = host.cert.read_bytes()
+        with host.env_file.open("a") as f:
+            f.write("APPLIANCE_LOG_LEVEL=debug\n")
+        imds.user_data = "APPLIANCE_MODEL=another/model\n"
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    env = dotenv_values(host.env_file)
+    assert env["APPLIANCE_MODEL"] == "another/model"
+    assert env["APPLIANCE_MAX_INFLIGHT"] == "32"
+    assert env["APPLIANCE_LOG_LEVEL"] == "debug"
+    assert env["APPLIANCE_ENGINE_API_KEY"] == first_env["APPLIANCE_ENGINE_API_KEY"]
+    assert host.admin_key.read_text() == first_key
+    assert host.cert.read_bytes() == first_cert
+    assert host.keys("list").stdout.count("admin") == 1
+
+
+def test_image_defaults_apply_unless_user_data_overrides(host):
+    host.defaults.parent.mkdir(parents=True)
+    host.defaults.write_text("APPLIANCE_MODEL=baked/model\nAPPLIANCE_DEVICE=gpu\n")
+    with fake_imds("APPLIANCE_DEVICE=auto\n") as imds:
+        assert host.firstboot(imds.url).returncode == 0
+    env = dotenv_values(host.env_file)
+    assert env["APPLIANCE_MODEL"] == "baked/model"
+    assert env["APPLIANCE_DEVICE"] == "auto"
+
+
+def test_instance_without_user_data_gets_defaults(host):
+    with fake_imds(None) as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    assert "no user data" in done.stderr
+    assert set(dotenv_values(host.env_file)) == {"APPLIANCE_ENGINE_API_KEY"}
+    assert host.admin_key.exists()
+
+
+def test_unreachable_metadata_service_is_logged_and_not_fatal(host):
+    done = host.firstboot(f"http://127.0.0.1:{free_port()}", attempts=3)
+    assert done.returncode == 0, done.stderr
+    assert "no instance metadata" in done.stderr and "3 attempt(s)" in done.stderr
+    assert (host.state / "firstboot.done").read_text().strip() == "unknown"
+
+
+def test_silent_metadata_service_times_out(host):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        done = host.firstboot(url, timeout=0.5)
+    assert done.returncode == 0, done.stderr
+    assert "no instance metadata" in done.stderr and "within 0.5s" in done.stderr
+
+
+def recorder(tmp_path: Path, exit_code: int) -> tuple[Path, Path]:
+    """An enable-tls stand-in that records its arguments (the real one needs an ACME server,
+    and is tested with pebble by its own tests)."""
+    record = tmp_path / "enable-tls.args"
+    script = tmp_path / "enable-tls"
+    script.write_text(
+        f'#!/bin/sh\necho "$@" > {record}\necho "acme says no" >&2\nexit {exit_code}\n'
+    )
+    script.chmod(0o755)
+    return script, record
+
+
+def test_domain_and_email_run_enable_tls(host, tmp_path):
+    script, record = recorder(tmp_path, 0)
+    with fake_imds("DOMAIN=api.example.com\nEMAIL=ops@example.com\n") as imds:
+        done = host.firstboot(imds.url, enable_tls=str(script))
+    assert done.returncode == 0, done.stderr
+    assert record.read_text().split() == ["api.example.com", "ops@example.com"]
+    env = dotenv_values(host.env_file)
+    assert env["APPLIANCE_DOMAIN"] == "api.example.com"
+
+
+def test_failed_enable_tls_keeps_self_signed_and_says_how_to_retry(host, tmp_path):
+    script, _ = recorder(tmp_path, 1)
+    with fake_imds("DOMAIN=api.example.com\nEMAIL=ops@example.com\n") as imds:
+        done = host.firstboot(imds.url, enable_tls=str(script))
+    assert done.returncode == 0
+    assert "acme says no" in done.stderr and "retry with" in done.stderr
+    assert host.cert.exists()
+
+
+def test_domain_without_email_does_not_request_a_certificate(host, tmp_path):
+    script, record = recorder(tmp_path, 0)
+    with fake_imds("DOMAIN=api.example.com\n") as imds:
+        assert host.firstboot(imds.url, enable_tls=str(script)).returncode == 0
+    assert not record.exists()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs Debian's nginx")
+def test_image_site_accepts_the_first_boot_certificate(host):
+    """The site as ami/50-site.sh renders it, with the certificate first boot made."""
+    with fake_imds(None) as imds:
+        assert host.firstboot(imds.url).returncode == 0
+    site = host.root / "nginx"
+    logs = host.root / "log"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "render_site.py"),
+            "--out-dir",
+            str(site),
+            "--standalone",
+            "--cert",
+            str(host.cert),
+            "--key",
+            str(host.cert_key),
+            "--http-port",
+            str(free_port()),
+            "--https-port",
+            str(free_port()),
+            "--listen-addr",
+            "127.0.0.1",
+            "--webroot",
+            str(host.root / "acme"),
+            "--access-log",
+            str(logs / "access.log"),
+            "--error-log",
+            str(logs / "error.log"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    test = subprocess.run(
+        [
+            "nginx",
+            "-t",
+            "-p",
+            str(site),
+            "-c",
+            str(site / "nginx.conf"),
+            "-e",
+            str(logs / "error.log"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert test.returncode == 0, test.stderr
+    assert "test is successful" in test.stderr
+
+
+def test_metadata_service_that_comes_up_late_is_waited_for(host):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        host.command(url, attempts=50), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.0)
+    with fake_imds("APPLIANCE_MODEL=late/model\n", port=port):
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert dotenv_values(host.env_file)["APPLIANCE_MODEL"] == "late/model"
+
+
+def test_gzip_compressed_user_data_is_read(host):
+    with fake_imds(gzip.compress(b"APPLIANCE_MODEL=zipped/model\n")) as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    assert dotenv_values(host.env_file)["APPLIANCE_MODEL"] == "zipped/model"
+
+
+def test_binary_user_data_is_ignored_not_fatal(host):
+    with fake_imds(b"\xff\xfe\x00binary") as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    assert "neither text nor gzip" in done.stderr
+    assert host.admin_key.exists()
+
+
+def test_boot_splits_tls_until_nginx_runs(host, tmp_path):
+    """The boot unit skips Let's Encrypt (NGINX is not up yet); the TLS unit does it after."""
+    script, record = recorder(tmp_path, 0)
+    with fake_imds("DOMAIN=api.example.com\nEMAIL=ops@example.com\n") as imds:
+        done = host.firstboot(imds.url, "--skip-tls", enable_tls=str(script))
+    assert done.returncode == 0, done.stderr
+    assert not record.exists()
+    assert "appliance-firstboot-tls.service" in done.stderr
+
+    later = host.firstboot("http://127.0.0.1:9", "--tls-only", enable_tls=str(script))
+    assert later.returncode == 0, later.stderr
+    assert record.read_text().split() == ["api.example.com", "ops@example.com"]
+    assert (host.state / "firstboot-tls.done").exists()
+
+
+def test_failed_tls_only_run_is_retried_at_next_boot(host, tmp_path):
+    script, _ = recorder(tmp_path, 1)
+    with fake_imds("DOMAIN=api.example.com\nEMAIL=ops@example.com\n") as imds:
+        assert host.firstboot(imds.url, "--skip-tls").returncode == 0
+    later = host.firstboot("http://127.0.0.1:9", "--tls-only", enable_tls=str(script))
+    assert later.returncode == 0
+    assert "retry with" in later.stderr
+    assert not (host.state / "firstboot-tls.done").exists()
