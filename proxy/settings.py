@@ -1,7 +1,8 @@
 """Every knob of the gateway, read from ``APPLIANCE_*`` environment variables.
 
 Production reads them from ``/etc/appliance/appliance.env`` (systemd's ``EnvironmentFile``
-loads the same file); the process environment wins over the file.
+loads the same file); the process environment wins over the file, and ``APPLIANCE_ENV_FILE``
+points a development stack at a file of its own, as it does for the engine.
 """
 
 import os
@@ -14,8 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_FILE = Path("/etc/appliance/appliance.env")
 
 
-def readable_env_file(path: Path = ENV_FILE) -> Path | None:
+def readable_env_file() -> Path | None:
     """The env file when this user may read it; root-only files are loaded by systemd instead."""
+    path = Path(os.environ.get("APPLIANCE_ENV_FILE") or ENV_FILE)
     return path if os.access(path, os.R_OK) else None
 
 
