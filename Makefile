@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint venv engine-venv
+.PHONY: test lint venv engine-venv run stop bench soak
 
 venv: $(VENV)/.installed
 
@@ -34,8 +34,40 @@ $(ENGINE_VENV)/.installed: pyproject.toml
 	$(ENGINE_BIN)/python -c 'from transformers import LlamaForCausalLM; import vllm.entrypoints.openai.api_server'
 	touch $@
 
+# The whole appliance on loopback (scripts/run-stack.sh): NGINX on https://127.0.0.1:8443, the
+# gateway on 8080, vLLM on 8000; state in .run/. vLLM's GPU build where an NVIDIA GPU answers,
+# unless ENGINE_EXTRA is given.
+RUN_ENGINE_EXTRA = $(if $(filter file,$(origin ENGINE_EXTRA)),$(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu),$(ENGINE_EXTRA))
+
+run: venv
+	$(MAKE) engine-venv ENGINE_EXTRA=$(RUN_ENGINE_EXTRA)
+	VENV=$(VENV) scripts/run-stack.sh up
+
+stop:
+	scripts/run-stack.sh stop
+
 test: venv engine-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
+
+# Proof in numbers, never part of `make test`. `make bench`: direct, this gateway, NGINX+TLS in
+# front of it and LiteLLM on the fast fake engine (scripts/bench_compare.py; LiteLLM goes into
+# .venv-litellm), then real vLLM direct vs NGINX+gateway; CSV and PNG into results/.
+# `make soak SOAK_MINUTES=3`: mixed traffic through the gateway, pass/fail (scripts/soak.py).
+BENCH_ARGS ?=
+SOAK_MINUTES ?= 10
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: venv engine-venv $(VENV)/.bench-installed
+	command -v wrk >/dev/null || { sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python scripts/bench_compare.py $(BENCH_ARGS)
+	$(BIN)/python scripts/bench_compare.py --engine
+
+soak: venv
+	$(BIN)/python scripts/soak.py --minutes $(SOAK_MINUTES) --csv results/soak.csv

@@ -1,0 +1,85 @@
+"""``appliance-engine``: settings -> GPUs -> model fetch -> plan -> exec vLLM.
+
+The launcher replaces itself with vLLM (``exec``), so systemd supervises vLLM directly and
+its SIGTERM reaches vLLM, which drains in-flight requests for ``APPLIANCE_SHUTDOWN_GRACE_S``
+(``--shutdown-timeout``) before it stops.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+
+from pydantic import ValidationError
+
+from server.argv import engine_argv, engine_env
+from server.gpus import describe, detect_gpus
+from server.internal_key import KeyFileError, ensure_internal_key
+from server.model import ModelError, fetch_model, read_model_info
+from server.plan import choose_device, plan_engine
+from server.settings import env_file_path, load_settings
+from server.vllm_build import installed_vllm
+
+EXIT_PREFLIGHT = 2
+
+
+def say(message: str) -> None:
+    print(f"appliance-engine: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="appliance-engine",
+        description="Start vLLM sized to this host's GPUs (settings: APPLIANCE_* variables).",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="fetch the model and print the plan and vLLM's command; start nothing",
+    )
+    args = parser.parse_args(argv)
+
+    env_file = env_file_path()
+    try:
+        settings = load_settings(env_file)
+    except ValidationError as exc:
+        say(f"invalid settings: {exc}")
+        return EXIT_PREFLIGHT
+
+    gpus, build = detect_gpus(), installed_vllm()
+    say(f"found {describe(gpus)}; vLLM build: {build}")
+    device, why = choose_device(settings.device, gpus, build)
+    if device is None:
+        say(f"cannot start: {why}")
+        return EXIT_PREFLIGHT
+
+    try:
+        model = read_model_info(fetch_model(settings.model, settings.model_cache))
+    except ModelError as exc:
+        say(f"cannot start: {exc}")
+        return EXIT_PREFLIGHT
+
+    plan = plan_engine(settings, gpus, build, model, tuple(sorted(os.sched_getaffinity(0))))
+    for reason in plan.reasons:
+        say(reason)
+    for error in plan.errors:
+        say(f"cannot start: {error}")
+    if not plan.ok:
+        return EXIT_PREFLIGHT
+
+    command = engine_argv(plan, sys.executable)
+    say(f"vLLM command: {shlex.join(command)}")
+    if args.dry_run:
+        return 0
+    try:
+        api_key = settings.engine_api_key or ensure_internal_key(env_file)
+    except KeyFileError as exc:
+        say(f"cannot start: {exc}")
+        return EXIT_PREFLIGHT
+    sys.stdout.flush()
+    os.execve(command[0], command, engine_env(plan, api_key, os.environ))
+    return 1  # not reached: execve replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""What the model is (its ``config.json`` and weight sizes) and where to fetch it from.
+
+A model is named by a local directory, a Hugging Face id or an ``s3://bucket/prefix``.
+Remote models are copied into the cache once: downloads resume from partial files, and a
+marker written after a complete copy lets later starts skip the network entirely.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from tqdm import tqdm
+
+COMPLETE_MARKER = ".appliance-complete"
+CHUNK_BYTES = 8 * 1024 * 1024
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(Exception):
+    """The model cannot be found, fetched or understood; the message says which."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["local", "huggingface", "s3"]
+    location: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int | None
+    weight_bytes: int
+
+
+def parse_source(spec: str) -> ModelSource:
+    """Tell a local directory from a Hugging Face id and an S3 prefix."""
+    if not spec:
+        raise ModelError("no model configured: set APPLIANCE_MODEL")
+    if spec.startswith("s3://"):
+        return ModelSource("s3", spec)
+    if not Path(spec).exists() and _HF_ID.match(spec) and not spec.startswith("."):
+        return ModelSource("huggingface", spec)
+    return ModelSource("local", spec)
+
+
+def cache_dir_for(source: ModelSource, cache: Path) -> Path:
+    """A stable directory per remote model, named after it."""
+    if source.kind == "s3":
+        return cache / "s3" / source.location.removeprefix("s3://").strip("/")
+    return cache / "huggingface" / source.location.replace("/", "--")
+
+
+def fetch_model(spec: str, cache: Path) -> Path:
+    """The model's local directory, copying it into ``cache`` first when it is remote."""
+    source = parse_source(spec)
+    if source.kind == "local":
+        path = Path(source.location)
+        if not path.is_dir():
+            raise ModelError(f"model directory {path} does not exist")
+        return path
+    dest = cache_dir_for(source, cache)
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.kind == "s3":
+        _fetch_s3(source.location, dest)
+    else:
+        _fetch_huggingface(source.location, dest)
+    (dest / COMPLETE_MARKER).write_text(spec + "\n")
+    return dest
+
+
+def _fetch_huggingface(repo_id: str, dest: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id=repo_id, local_dir=dest)
+    except Exception as exc:
+        raise ModelError(f"cannot fetch {repo_id} from Hugging Face: {exc}") from exc
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b/``); an empty prefix means the whole bucket."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ModelError(f"not an S3 URL: {url}")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def local_path_for_key(dest: Path, prefix: str, key: str) -> Path:
+    """Where an object lands; keys that would escape ``dest`` are refused."""
+    relative = PurePosixPath(key.removeprefix(prefix))
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ModelError(f"refusing S3 key outside the model prefix: {key}")
+    return dest.joinpath(*relative.parts)
+
+
+def _fetch_s3(url: str, dest: Path) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3_url(url)
+    s3 = boto3.client("s3")
+    try:
+        objects = [
+            obj
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+        ]
+        if not objects:
+            raise ModelError(f"no objects under {url}")
+        total = sum(obj["Size"] for obj in objects)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetching {url}") as bar:
+            for obj in objects:
+                target = local_path_for_key(dest, prefix, obj["Key"])
+                _fetch_s3_object(s3, bucket, obj["Key"], obj["Size"], target, bar)
+    except (BotoCoreError, ClientError) as exc:
+        raise ModelError(f"cannot fetch {url}: {exc}") from exc
+
+
+def _fetch_s3_object(s3, bucket: str, key: str, size: int, target: Path, bar: tqdm) -> None:
+    """Download one object, resuming a ``.part`` file left by an interrupted run."""
+    if target.is_file() and target.stat().st_size == size:
+        bar.update(size)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    bar.update(have)
+    if have < size:
+        extra = {"Range": f"bytes={have}-"} if have else {}
+        body = s3.get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        with part.open("ab") as out:
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                out.write(chunk)
+                bar.update(len(chunk))
+    part.replace(target)
+
+
+def read_model_info(path: Path) -> ModelInfo:
+    """Heads, context limit and weight size, read from the files vLLM will load."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{config_file} is not valid JSON: {exc}") from exc
+    text = config.get("text_config") or config
+    heads = text.get("num_attention_heads") or text.get("n_head")
+    if not isinstance(heads, int) or heads < 1:
+        raise ModelError(f"{config_file} does not say how many attention heads the model has")
+    kv_heads = text.get("num_key_value_heads") or heads
+    max_len = next(
+        (
+            text[k]
+            for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+            if isinstance(text.get(k), int)
+        ),
+        None,
+    )
+    return ModelInfo(
+        path=path,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len,
+        weight_bytes=weight_bytes(path),
+    )
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights: the safetensors files (headers are tiny), else PyTorch ``.bin`` files."""
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files)
