@@ -31,6 +31,7 @@ class Authenticator:
         self.path = path
         self.ttl = ttl
         self.cache: dict[str, tuple[Key | None, float]] = {}
+        self.pending: dict[str, asyncio.Future] = {}
         self.lock = threading.Lock()
         self.store: KeyStore | None = None
 
@@ -42,13 +43,9 @@ class Authenticator:
         secret = bearer_secret(header)
         if secret is None:
             raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        now = time.monotonic()
         cached = self.cache.get(secret)
-        if cached is None or now - cached[1] > self.ttl:
-            key = await asyncio.to_thread(self._lookup, secret)
-            if len(self.cache) >= CACHE_LIMIT:
-                self.cache.clear()
-            self.cache[secret] = (key, now)
+        if cached is None or time.monotonic() - cached[1] > self.ttl:
+            key = await self._refresh(secret)
         else:
             key = cached[0]
         if key is None:
@@ -56,6 +53,19 @@ class Authenticator:
         if not key.usable(time.time()):
             state = "revoked" if key.revoked_at is not None else "expired"
             raise unauthorized(f"API key {key.name!r} is {state}.")
+        return key
+
+    async def _refresh(self, secret: str) -> Key | None:
+        """One store lookup per secret at a time: concurrent misses share its answer."""
+        pending = self.pending.get(secret)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(self._lookup, secret))
+            self.pending[secret] = pending
+            pending.add_done_callback(lambda _: self.pending.pop(secret, None))
+        key = await asyncio.shield(pending)
+        if len(self.cache) >= CACHE_LIMIT:
+            self.cache.clear()
+        self.cache[secret] = (key, time.monotonic())
         return key
 
     def _lookup(self, secret: str) -> Key | None:
