@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -79,12 +80,15 @@ end
 """
 
 
-def wrk(url: str, key: str, connections: int, seconds: int, workdir: Path) -> dict:
+def wrk(url: str, key: str, connections: int, seconds: int, workdir: Path,
+        timeout_s: int = 2) -> dict:
+    """``timeout_s``: wrk counts slower answers as errors and leaves them out of the latencies."""
     script = workdir / "post.lua"
     script.write_text(WRK_SCRIPT % (json.dumps(CHAT), key))
     threads = min(connections, 2)
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-                          "-s", str(script), url + "/v1/chat/completions"],
+                          "--timeout", f"{timeout_s}s", "-s", str(script),
+                          url + "/v1/chat/completions"],
                          capture_output=True, text=True, check=True).stdout
     match = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", out)
     requests, errors, _, p50, p90, p99, rps = match.groups()
@@ -92,26 +96,38 @@ def wrk(url: str, key: str, connections: int, seconds: int, workdir: Path) -> di
             "p90_ms": float(p90) / 1000, "p99_ms": float(p99) / 1000, "rps": float(rps)}
 
 
-async def one_stream(port: int, key: str, body: bytes) -> tuple[int, float, bool]:
-    """Events received and time to first byte, from a raw HTTP/1.1 exchange."""
+async def one_stream(port: int, key: str, body: bytes,
+                     tls: ssl.SSLContext | None = None) -> tuple[int, float, bool]:
+    """Events received and time to first byte, from a raw HTTP/1.1 exchange (over TLS if given)."""
     start = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
                  b"Content-Type: application/json\r\nAuthorization: Bearer " + key.encode()
                  + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    ttfb = None
+    head = await reader.readuntil(b"\r\n\r\n")
+    ttfb = time.perf_counter() - start
     events = 0
     tail = b""
-    while chunk := await reader.read(65536):
-        if ttfb is None:
-            ttfb = time.perf_counter() - start
+    async for chunk in body_pieces(reader, b"transfer-encoding: chunked" in head.lower()):
         data = tail + chunk
         events += data.count(b"data: ")
         tail = data[-5:]
         events -= tail.count(b"data: ")
     writer.close()
     ok = tail.endswith(b"\n\n") or b"[DONE]" in tail
-    return events, ttfb or 0.0, ok
+    return events, ttfb, ok
+
+
+async def body_pieces(reader: asyncio.StreamReader, chunked: bool):
+    """The body as it arrives, chunked framing taken off: a relay such as NGINX cuts chunks
+    wherever its reads end, sometimes inside ``data: ``."""
+    if not chunked:
+        while piece := await reader.read(65536):
+            yield piece
+        return
+    while size := int((await reader.readline()).split(b";")[0], 16):
+        yield await reader.readexactly(size)
+        await reader.readexactly(2)
 
 
 async def streams(port: int, key: str, concurrency: int, rounds: int) -> dict:
