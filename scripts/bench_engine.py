@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -146,12 +147,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per target")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--split-cores", action="store_true",
+                        help="vLLM on the first half of the CPUs, the proxy and the load on the "
+                        "rest, as on a GPU host where vLLM's CPU work does not starve the proxy")
     args = parser.parse_args()
+    all_cpus = sorted(os.sched_getaffinity(0))
+    engine_cpus, other_cpus = all_cpus, all_cpus
+    if args.split_cores and len(all_cpus) >= 2:
+        half = max(args.tensor_parallel_size, len(all_cpus) // 2)
+        engine_cpus, other_cpus = all_cpus[:half], all_cpus[half:]
 
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         work = Path(tmp)
         model = make_tiny_model(work / "model")
         started = time.perf_counter()
+        os.sched_setaffinity(0, engine_cpus)  # vLLM inherits it and binds its threads there
         with engine(
             model,
             work / "engine",
@@ -159,6 +169,7 @@ def main() -> None:
             max_num_seqs=max(args.clients, 32),
         ) as vllm:
             startup_s = time.perf_counter() - started
+            os.sched_setaffinity(0, other_cpus)  # the proxy and this load generator
             startup_rss = sum(rss_kib(p) for p in tree(vllm.proc.pid))
             with (
                 RssSampler(vllm.proc.pid) as rss,
@@ -188,6 +199,7 @@ def report(args, results: dict[str, dict], startup_s: float, peak_kib: int) -> N
     print(
         f"\nvLLM CPU, tiny model, TP {args.tensor_parallel_size}: {args.clients} concurrent "
         f"streams x {args.tokens} tokens, {args.rounds} rounds per target (alternating)"
+        + (", vLLM and proxy+load on separate cores" if args.split_cores else "")
     )
     print(f"{'':16}{'direct':>12}{'proxy':>12}{'proxy/direct':>14}")
     for label, key in (
