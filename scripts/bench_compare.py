@@ -27,7 +27,6 @@ figures (tokens/s, TTFT, inter-token latency); results/bench_engine.csv.
 import argparse
 import asyncio
 import contextlib
-import csv
 import datetime
 import json
 import os
@@ -44,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import STREAM, one_stream, wrk  # noqa: E402
+from scripts.bench_proxy import STREAM, one_stream, write_csv, wrk  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
@@ -244,14 +243,6 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}"
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: round(v, 3) if isinstance(v, float) else v
-                             for k, v in row.items()})
 
 
 def plot(path: Path, rows: list[dict], summary: list[dict], title: str) -> None:

@@ -15,7 +15,6 @@ production site, only the per-address limits raised so one load generator is not
 
 import argparse
 import contextlib
-import csv
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import wrk  # noqa: E402
+from scripts.bench_proxy import write_csv, wrk  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
@@ -77,11 +76,7 @@ def main() -> None:
         rows = run(Path(temp), args.duration)
     print_table(rows)
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 def run(workdir: Path, seconds: int) -> list[dict]:

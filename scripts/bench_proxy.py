@@ -225,11 +225,18 @@ def main() -> None:
     print(f"\nproxy/floor requests/s at c=64: {proxy_row['c64_rps'] / floor_row['c64_rps']:.2f}x"
           f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Figures as CSV, floats to three decimals; shared by every benchmark script."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: round(v, 3) if isinstance(v, float) else v
+                             for k, v in row.items()})
 
 
 def print_table(rows: list[dict]) -> None:

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import csv
 import json
 import random
 import subprocess
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from scripts.bench_proxy import write_csv  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
 ENGINE_KEY = "soak-internal-engine-key"
@@ -342,11 +342,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         checks, samples = soak(args.minutes * 60, args.steady_clients, Path(tmp))
     if args.csv and samples:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=list(samples[0]))
-            writer.writeheader()
-            writer.writerows(samples)
+        write_csv(args.csv, samples)
     failed = [label for label, ok, _ in checks if not ok]
     print(f"\nsoak {'FAILED: ' + '; '.join(failed) if failed else 'PASSED'}")
     sys.exit(1 if failed else 0)
