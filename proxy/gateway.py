@@ -57,6 +57,12 @@ def is_json(headers: dict[bytes, bytes]) -> bool:
     return not headers.get(b"content-type", b"").lower().startswith(NOT_JSON)
 
 
+def note_usage(record: RequestRecord, usage: TokenUsage | None) -> None:
+    if usage is not None:
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+
+
 class ClientGone(Exception):
     """The client hung up; there is nobody left to answer."""
 
@@ -192,6 +198,7 @@ class Gateway:
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
+            self.account(record)
 
     async def unary(self, method, path, query, upstream, content, total_s, receive, send,
                     record: RequestRecord, extra) -> None:
@@ -206,8 +213,8 @@ class Gateway:
             if err.status == 504:
                 self.metrics.upstream_aborts.labels("deadline").inc()
             raise
-        usage = from_json_body(response.content) if response.status_code == 200 else None
-        self.account(record, usage)
+        if response.status_code == 200:
+            note_usage(record, from_json_body(response.content))
         await send_answer(send, response.status_code,
                           [*client_headers(response.headers), *extra], response.content)
 
@@ -257,19 +264,18 @@ class Gateway:
                 await response.aclose()
             if outcome.first_chunk_at is not None:
                 self.metrics.ttft.labels(path).observe(outcome.first_chunk_at - started)
-            self.account(record, outcome.usage)
+            note_usage(record, outcome.usage)
 
     async def end_stream(self, send, err: ProxyError, record: RequestRecord) -> None:
         """Headers are gone already: the error travels as the stream's last event."""
         record.error = err.code
         await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
 
-    def account(self, record: RequestRecord, usage: TokenUsage | None) -> None:
-        usage = usage or TokenUsage()
-        record.prompt_tokens = usage.prompt_tokens
-        record.completion_tokens = usage.completion_tokens
-        self.ledger.record(record.key, usage.prompt_tokens, usage.completion_tokens)
-        if usage.total:
-            self.limiter.spend_tokens(record.key, usage.total, time.monotonic())
-            self.metrics.prompt_tokens.labels(record.key).inc(usage.prompt_tokens)
-            self.metrics.completion_tokens.labels(record.key).inc(usage.completion_tokens)
+    def account(self, record: RequestRecord) -> None:
+        """Every request forwarded counts once, with the tokens the engine reported (if any)."""
+        prompt, completion = record.prompt_tokens, record.completion_tokens
+        self.ledger.record(record.key, prompt, completion)
+        if prompt + completion:
+            self.limiter.spend_tokens(record.key, prompt + completion, time.monotonic())
+            self.metrics.prompt_tokens.labels(record.key).inc(prompt)
+            self.metrics.completion_tokens.labels(record.key).inc(completion)

@@ -29,6 +29,7 @@ def test_engine_killed_mid_stream_then_back(tmp_path):
 
         waiter = threading.Thread(target=slow_plain)
         waiter.start()
+        wait_for(lambda: (first.stats()["last_body"] or {}).get("fake") == {"delay": 5})
         with httpx.stream("POST", p.url + "/v1/chat/completions", headers=p.headers(),
                           json=body, timeout=10) as response:
             chunks = response.iter_raw()

@@ -280,12 +280,12 @@ def test_inflight_cap_answers_503_with_retry_after(fake, tmp_path):
     from tests.integration.proxy_stack import gateway
 
     with gateway(fake.url, tmp_path, max_inflight=1) as p:
-        body = {**CHAT, "stream": True, "max_tokens": 3, "fake": {"first_delay": 1.5}}
+        body = {**CHAT, "stream": True, "max_tokens": 3, "fake": {"first_delay": 5}}
         headers = p.headers()
         holder = threading.Thread(target=lambda: httpx.post(
             p.url + "/v1/chat/completions", headers=headers, json=body, timeout=10))
         holder.start()
-        time.sleep(0.5)
+        wait_for(lambda: fake.stats()["in_progress"] >= 1)
         refused = httpx.post(p.url + "/v1/chat/completions", headers=headers, json=CHAT)
         holder.join()
         assert refused.status_code == 503 and refused.headers["retry-after"]
@@ -297,10 +297,14 @@ def test_inflight_cap_answers_503_with_retry_after(fake, tmp_path):
 
 def test_access_log_is_json_per_request_without_secrets(gw):
     gw.client().chat.completions.create(**CHAT)
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in gw.log.read_text().splitlines()
-             if line.startswith("{")]
-    chat = [line for line in lines if line["route"] == "/v1/chat/completions"]
+
+    def chat_lines() -> list[dict]:
+        lines = [json.loads(line) for line in gw.log.read_text().splitlines()
+                 if line.startswith("{")]
+        return [line for line in lines if line["route"] == "/v1/chat/completions"]
+
+    wait_for(chat_lines)
+    chat = chat_lines()
     assert chat and {"request_id", "key", "status", "duration_ms", "prompt_tokens"} <= set(chat[0])
     log_text = gw.log.read_text()
     for secret in [*gw.keys.values(), ENGINE_KEY]:
