@@ -43,7 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import STREAM, one_stream, write_csv, wrk  # noqa: E402
+from scripts.bench_proxy import STREAM, one_stream, percentile, write_csv, wrk  # noqa: E402
+from scripts.procstats import cpu_seconds, peak_rss_mb  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
@@ -143,42 +144,6 @@ def contender(name: str, engine_url: str, engine_pid: int,
         raise ValueError(name)
 
 
-def descendants(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return pids
-
-
-def cpu_seconds(roots: list[int]) -> float:
-    """User+system CPU of the processes and their live descendants (and reaped children)."""
-    ticks = 0
-    for root in roots:
-        for pid in descendants(root):
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])
-                if pid == root:
-                    ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(roots: list[int]) -> float:
-    """The summed high-water marks (VmHWM) of the processes: each one's peak, added up."""
-    kib = 0
-    for root in roots:
-        for pid in descendants(root):
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        kib += int(line.split()[1])
-    return kib / 1024
-
-
 async def stream_load(c: Contender, seconds: float) -> dict:
     """Rounds of STREAMS concurrent streams until ``seconds`` have passed (at least one)."""
     port = int(c.base_url.rsplit(":", 1)[1])
@@ -200,12 +165,6 @@ async def stream_load(c: Contender, seconds: float) -> dict:
         "ttfb_p99_ms": percentile(ttfbs, 99) * 1000,
         "stream_errors": len(results) - len(complete),
     }
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def measure(c: Contender, seconds: int, concurrencies: list[int], workdir: Path) -> dict:

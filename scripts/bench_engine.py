@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from scripts.bench_proxy import percentile  # noqa: E402
+from scripts.procstats import descendants, rss_kib  # noqa: E402
 from tests.e2e.engine_stack import SERVED_NAME, engine, make_tiny_model  # noqa: E402
 from tests.integration.proxy_stack import gateway  # noqa: E402
 
@@ -79,11 +81,6 @@ async def load(url: str, key: str, clients: int, tokens: int, round_no: int) -> 
     }
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def summarize(rounds: list[dict]) -> dict:
     ttft = [t for r in rounds for t in r["ttft"]]
     itl = [t for r in rounds for t in r["itl"]]
@@ -115,30 +112,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_kib = max(self.peak_kib, sum(rss_kib(p) for p in tree(self.pid)))
-
-
-def tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return pids
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+            self.peak_kib = max(self.peak_kib, sum(rss_kib(p) for p in descendants(self.pid)))
 
 
 def main() -> None:
@@ -170,7 +144,7 @@ def main() -> None:
         ) as vllm:
             startup_s = time.perf_counter() - started
             os.sched_setaffinity(0, other_cpus)  # the proxy and this load generator
-            startup_rss = sum(rss_kib(p) for p in tree(vllm.proc.pid))
+            startup_rss = sum(rss_kib(p) for p in descendants(vllm.proc.pid))
             with (
                 RssSampler(vllm.proc.pid) as rss,
                 gateway(vllm.url, work, engine_api_key=vllm.key, max_inflight=1024) as gw,

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import os
 import re
 import shutil
 import ssl
@@ -30,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.procstats import cpu_seconds, peak_rss_mb  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -145,39 +145,19 @@ async def streams(port: int, key: str, concurrency: int, rounds: int) -> dict:
             "stream_errors": expected - events}
 
 
-def rss_mb(pid: int) -> float:
-    total = 0
-    for p in [pid, *children(pid)]:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-    return total / 1024
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     wrk(url, key, 8, 2, workdir)  # warm-up
-    cpu0 = cpu_seconds(pid) if pid else 0.0
+    cpu0 = cpu_seconds([pid]) if pid else 0.0
     c1 = wrk(url, key, 1, args.duration, workdir)
     c64 = wrk(url, key, 64, args.duration, workdir)
-    cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
+    cpu = (cpu_seconds([pid]) - cpu0) if pid else 0.0
     sse = asyncio.run(streams(port, key, 64, args.stream_rounds))
     row = {"contender": name, "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"],
            "c64_rps": c64["rps"], "c64_p50_ms": c64["p50_ms"], "c64_p99_ms": c64["p99_ms"],
            "errors": c1["errors"] + c64["errors"] + sse["stream_errors"],
            "cpu_s_per_1k": 1000 * cpu / max(1, c1["requests"] + c64["requests"]) if pid else 0,
-           **sse, "rss_mb": rss_mb(pid) if pid else 0.0}
+           **sse, "rss_mb": peak_rss_mb([pid]) if pid else 0.0}
     return row
 
 
@@ -226,6 +206,14 @@ def main() -> None:
           f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
     if args.csv:
         write_csv(args.csv, rows)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile ``q`` (0-100) of ``values``; NaN when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from scripts.bench_proxy import write_csv  # noqa: E402
+from scripts.procstats import rss_kib  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
 ENGINE_KEY = "soak-internal-engine-key"
@@ -192,13 +193,6 @@ async def drive(base: str, keys: dict[str, str], tallies: dict[str, Tally], seco
               faulty(base, keys["faulty"], tallies["faulty"], until)]
     tasks += [aborter(base, keys["aborter"], tallies["aborter"], until) for _ in range(3)]
     await asyncio.gather(*tasks)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def open_fds(pid: int) -> int:
