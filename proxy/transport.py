@@ -32,13 +32,14 @@ class Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.error: Exception | None = None
         self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
+        """Fresh state for the next exchange on this connection."""
+        self.parser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -120,10 +121,7 @@ class Connection(asyncio.Protocol):
 
     def start(self, head: bytes, body: bytes) -> None:
         self._reset()
-        self.parser = httptools.HttpResponseParser(self)
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
+        self.transport.writelines((head, body))
 
     def close(self) -> None:
         if self.transport is not None:
