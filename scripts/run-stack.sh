@@ -128,17 +128,22 @@ demo_key() {  # the demo key's secret in $run_dir/demo-key, made once per key st
     )
 }
 
+all_alive() {  # all_alive CONTEXT: false, with the end of its log, once a service has died
+    local name
+    for name in "${services[@]}"; do
+        if ! alive "$pids/$name.pid"; then
+            say "$name exited$1; the end of $logs/$name.log:"
+            tail -n 30 "$logs/$name.log" >&2 || true
+            return 1
+        fi
+    done
+}
+
 wait_for() {  # wait_for WHAT CURL-ARGS...: until the URL answers 200, or a service dies
     local what=$1 deadline=$((SECONDS + ready_timeout))
     shift
     until curl --silent --fail --output /dev/null --max-time 2 "$@"; do
-        for name in "${services[@]}"; do
-            if ! alive "$pids/$name.pid"; then
-                say "$name exited while waiting for $what; the end of $logs/$name.log:"
-                tail -n 30 "$logs/$name.log" >&2 || true
-                return 1
-            fi
-        done
+        all_alive " while waiting for $what" || return 1
         if [ "$SECONDS" -ge "$deadline" ]; then
             say "$what not ready after ${ready_timeout}s; see $logs/"
             return 1
@@ -229,13 +234,7 @@ Ctrl-C (or \`make stop\` in another shell) stops all three.
 EOF
 
     while true; do
-        for name in "${services[@]}"; do
-            if ! alive "$pids/$name.pid"; then
-                say "$name exited; the end of $logs/$name.log:"
-                tail -n 30 "$logs/$name.log" >&2 || true
-                exit 1
-            fi
-        done
+        all_alive "" || exit 1
         sleep 1 &
         wait $! || true
     done
