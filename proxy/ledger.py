@@ -27,8 +27,11 @@ class Ledger:
         self.failing = False
 
     def record(self, name: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._add(name, 1, prompt_tokens, completion_tokens)
+
+    def _add(self, name: str, requests: int, prompt_tokens: int, completion_tokens: int) -> None:
         row = self.pending[name]
-        row[0] += 1
+        row[0] += requests
         row[1] += prompt_tokens
         row[2] += completion_tokens
 
@@ -57,20 +60,16 @@ class Ledger:
         try:
             await asyncio.to_thread(self._write, rows)
         except (StoreUnavailable, OSError) as exc:
-            for name, requests, prompt, completion in rows:
-                row = self.pending[name]
-                row[0] += requests
-                row[1] += prompt
-                row[2] += completion
+            for row in rows:
+                self._add(*row)
             self.metrics.usage_write_failures.inc()
-            self.metrics.usage_unsaved.set(sum(r[0] for r in self.pending.values()))
             if not self.failing:
                 log.error("usage not saved, kept in memory and retried: %s", exc)
             self.failing = True
-            return
-        if self.failing:
-            log.warning("usage saved again after earlier failures")
-        self.failing = False
+        else:
+            if self.failing:
+                log.warning("usage saved again after earlier failures")
+            self.failing = False
         self.metrics.usage_unsaved.set(sum(r[0] for r in self.pending.values()))
 
     def _write(self, rows: list[tuple[str, int, int, int]]) -> None:
