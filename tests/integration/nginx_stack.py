@@ -127,6 +127,9 @@ def serving(site: Site) -> Iterator[subprocess.Popen]:
         yield proc
 
 
+RELOAD_SETTLED_HANDSHAKES = 10
+
+
 def served_certificate(port: int, server_name: str = "localhost") -> bytes:
     """The DER leaf certificate NGINX presents on ``port`` (not verified)."""
     context = ssl.create_default_context()
@@ -146,11 +149,17 @@ def fingerprint(der: bytes) -> str:
 def wait_for_certificate_change(
     port: int, old: bytes, server_name: str, timeout: float = 15.0
 ) -> bytes:
-    """Poll until NGINX serves a certificate other than ``old`` (a reload is asynchronous)."""
+    """Poll until NGINX serves a certificate other than ``old`` on every new connection.
+
+    A reload is asynchronous: for a moment old workers still accept connections with the old
+    certificate beside the new workers, so one new answer is not yet the end of the reload.
+    """
     deadline = time.monotonic() + timeout
+    settled = 0
     while time.monotonic() < deadline:
         current = served_certificate(port, server_name)
-        if current != old:
+        settled = settled + 1 if current != old else 0
+        if settled == RELOAD_SETTLED_HANDSHAKES:
             return current
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise TimeoutError(f"port {port} still serves the old certificate after {timeout}s")
