@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 from .errors import ProxyError, engine_unavailable
+from .exchange import Exchange
 from .transport import EngineTransport
 from .usage import TokenUsage, from_sse_event
 
@@ -27,7 +28,9 @@ HOP_BY_HOP = frozenset(
 # Client headers the engine may see; everything else (cookies, the client's key) stays here.
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
 PARTIAL_EVENT_LIMIT = 1 << 20
-CONNECT_TIMEOUT_S = 5.0
+# Reads are bounded by the request's own deadlines, which the gateway arms around each call.
+NO_READ_TIMEOUT = {"connect": 5.0, "read": None}
+HEALTH_TIMEOUT = {"connect": 5.0, "read": 2.0}
 HEALTH_RECHECK_S = 0.5
 
 
@@ -85,20 +88,21 @@ class Forwarder:
     async def close(self) -> None:
         await self.transport.aclose()
 
-    def _request(self, method: str, path: str, query: bytes, headers, content: bytes,
-                 read_timeout: float | None = None) -> httpx.Request:
-        url = self.base.copy_with(raw_path=path.encode() + (b"?" + query if query else b""))
-        timeouts = {"connect": CONNECT_TIMEOUT_S, "read": read_timeout}
-        return httpx.Request(method, url, headers=headers, content=content,
-                             extensions={"timeout": timeouts})
+    def _url(self, path: str, query: bytes) -> httpx.URL:
+        return self.base.copy_with(raw_path=path.encode() + (b"?" + query if query else b""))
+
+    def _request(self, ex: Exchange) -> httpx.Request:
+        return httpx.Request(ex.method, self._url(ex.path, ex.query), headers=ex.upstream_headers,
+                             content=ex.content, extensions={"timeout": NO_READ_TIMEOUT})
 
     async def engine_health(self) -> tuple[bool, str]:
         """Ask the engine's ``/health`` now; the answer also updates the readiness gate."""
         self.checked_at = time.monotonic()
         headers = upstream_headers([], "health", self.engine_key, json_body=False)
         try:
-            response = await self.transport.handle_async_request(
-                self._request("GET", "/health", b"", headers, b"", read_timeout=2.0))
+            request = httpx.Request("GET", self._url("/health", b""), headers=headers,
+                                    extensions={"timeout": HEALTH_TIMEOUT})
+            response = await self.transport.handle_async_request(request)
             await response.aread()
         except httpx.HTTPError as exc:
             self.engine_ready = False
@@ -125,31 +129,23 @@ class Forwarder:
         self.on_error("transport")
         return upstream_failed(exc)
 
-    async def call(self, method: str, path: str, query: bytes, headers, content: bytes,
-                   total_s: float) -> httpx.Response:
-        """Send and read a whole answer within ``total_s``; past it, the request is dropped."""
-        request = self._request(method, path, query, headers, content)
+    async def call(self, ex: Exchange) -> httpx.Response:
+        """Send and read a whole answer; the caller's deadline bounds it and drops it when past."""
         response = None
         try:
-            async with asyncio.timeout(total_s):
-                response = await self.transport.handle_async_request(request)
-                await response.aread()
-                return response
-        except TimeoutError:
-            self.on_error("timeout")
-            raise timeout_error(f"{total_s:g}s for this request") from None
+            response = await self.transport.handle_async_request(self._request(ex))
+            await response.aread()
+            return response
         except httpx.HTTPError as exc:
             raise self._failure(exc) from None
         finally:
             if response is not None:
                 await response.aclose()
 
-    async def open_stream(self, method: str, path: str, query: bytes, headers,
-                          content: bytes) -> httpx.Response:
+    async def open_stream(self, ex: Exchange) -> httpx.Response:
         """Send and wait for the answer's headers; the caller's deadline bounds the wait."""
-        request = self._request(method, path, query, headers, content)
         try:
-            return await self.transport.handle_async_request(request)
+            return await self.transport.handle_async_request(self._request(ex))
         except httpx.HTTPError as exc:
             raise self._failure(exc) from None
 

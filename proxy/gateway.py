@@ -15,6 +15,7 @@ from .accesslog import RequestRecord
 from .auth import Authenticator
 from .body import client_wants_usage, parse_request, with_usage_requested
 from .errors import ProxyError, engine_unavailable
+from .exchange import Exchange
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
 from .ledger import Ledger
 from .limits import RateLimiter
@@ -179,72 +180,67 @@ class Gateway:
         if self.inflight >= self.settings.max_inflight:
             raise engine_unavailable("The engine is at capacity; retry shortly.")
 
+        ex = Exchange(method, path, scope.get("query_string", b""),
+                      upstream_headers(scope["headers"], record.request_id,
+                                       self.forwarder.engine_key, json_body=body is not None),
+                      raw, deadlines_for(body, path in GENERATION_ROUTES, self.settings),
+                      record, receive, send, answer_headers=extra)
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
-            deadlines = deadlines_for(body, path in GENERATION_ROUTES, self.settings)
-            upstream = upstream_headers(scope["headers"], record.request_id,
-                                        self.forwarder.engine_key, json_body=body is not None)
-            query = scope.get("query_string", b"")
             if body is not None and body.get("stream") is True:
                 record.stream = True
-                strip = not client_wants_usage(body)
-                content = with_usage_requested(body) if strip else raw
-                await self.stream(method, path, query, upstream, content, deadlines, strip,
-                                  receive, send, record, extra)
+                if not client_wants_usage(body):
+                    ex.content, ex.strip_usage = with_usage_requested(body), True
+                await self.stream(ex)
             else:
-                await self.unary(method, path, query, upstream, raw, deadlines.total,
-                                 receive, send, record, extra)
+                await self.unary(ex)
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
             self.account(record)
 
-    async def unary(self, method, path, query, upstream, content, total_s, receive, send,
-                    record: RequestRecord, extra) -> None:
+    async def unary(self, ex: Exchange) -> None:
+        total_s = ex.deadlines.total
         try:
-            async with cancelled_on_disconnect(receive):
-                response = await self.forwarder.call(method, path, query, upstream, content,
-                                                     total_s)
+            async with cancelled_on_disconnect(ex.receive), asyncio.timeout(total_s):
+                response = await self.forwarder.call(ex)
+        except TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            self.metrics.upstream_aborts.labels("deadline").inc()
+            raise timeout_error(f"{total_s:g}s for this request") from None
         except ClientGone:
             self.metrics.upstream_aborts.labels("client_disconnected").inc()
             raise
-        except ProxyError as err:
-            if err.status == 504:
-                self.metrics.upstream_aborts.labels("deadline").inc()
-            raise
         if response.status_code == 200:
-            note_usage(record, from_json_body(response.content))
-        await send_answer(send, response.status_code,
-                          [*client_headers(response.headers), *extra], response.content)
+            note_usage(ex.record, from_json_body(response.content))
+        await ex.answer(response.status_code, client_headers(response.headers), response.content)
 
-    async def stream(self, method, path, query, upstream, content, deadlines, strip, receive,
-                     send, record: RequestRecord, extra) -> None:
+    async def stream(self, ex: Exchange) -> None:
         outcome = StreamOutcome()
         started = time.monotonic()
         response = None
         answered = False
+        deadlines, send = ex.deadlines, ex.send
         try:
-            async with cancelled_on_disconnect(receive), asyncio.timeout(
+            async with cancelled_on_disconnect(ex.receive), asyncio.timeout(
                 deadlines.first_token
             ) as deadline:
-                response = await self.forwarder.open_stream(method, path, query, upstream,
-                                                            content)
+                response = await self.forwarder.open_stream(ex)
                 if response.status_code != 200:
                     await response.aread()
-                    await send_answer(send, response.status_code,
-                                      [*client_headers(response.headers), *extra],
-                                      response.content)
+                    await ex.answer(response.status_code, client_headers(response.headers),
+                                    response.content)
                     return
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": [*SSE_HEADERS, *extra]})
+                            "headers": [*SSE_HEADERS, *ex.answer_headers]})
                 answered = True
                 async for events in self.forwarder.relay(response, deadline, deadlines.idle,
-                                                         strip, outcome):
+                                                         ex.strip_usage, outcome):
                     await send({"type": "http.response.body", "body": events,
                                 "more_body": True})
                 if outcome.error is not None:
-                    await self.end_stream(send, outcome.error, record)
+                    await self.end_stream(send, outcome.error, ex.record)
                     return
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
@@ -255,7 +251,7 @@ class Gateway:
                 err = timeout_error(f"no new token within {deadlines.idle:g}s")
             if not answered:
                 raise err from None
-            await self.end_stream(send, err, record)
+            await self.end_stream(send, err, ex.record)
         except ClientGone:
             self.metrics.upstream_aborts.labels("client_disconnected").inc()
             raise
@@ -263,8 +259,8 @@ class Gateway:
             if response is not None:
                 await response.aclose()
             if outcome.first_chunk_at is not None:
-                self.metrics.ttft.labels(path).observe(outcome.first_chunk_at - started)
-            note_usage(record, outcome.usage)
+                self.metrics.ttft.labels(ex.path).observe(outcome.first_chunk_at - started)
+            note_usage(ex.record, outcome.usage)
 
     async def end_stream(self, send, err: ProxyError, record: RequestRecord) -> None:
         """Headers are gone already: the error travels as the stream's last event."""

@@ -1,0 +1,43 @@
+"""One client request on its way through the gateway, as one object.
+
+The gateway's handlers and the forwarder need the same dozen facts about a request: what to
+send the engine, when to give up, how to reach the client, and what to write in the access log.
+Passing them one by one made every signature ten values long; an ``Exchange`` is built once,
+after the request is authenticated and checked, and travels down instead.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .accesslog import RequestRecord
+from .timeouts import Deadlines
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    method: str
+    path: str
+    query: bytes
+    upstream_headers: Headers
+    """What the engine sees: the few client headers it may, the request id, the internal key."""
+    content: bytes
+    """The body sent to the engine: the client's own bytes unless the gateway had to add to it."""
+    deadlines: Deadlines
+    record: RequestRecord
+    receive: Receive
+    send: Send
+    answer_headers: Headers = field(default_factory=list)
+    """Added to every answer the client gets, errors included (``x-ratelimit-*``)."""
+    strip_usage: bool = False
+    """The gateway asked a stream for usage on the client's behalf: drop that chunk on return."""
+
+    async def answer(self, status: int, headers: Headers, body: bytes) -> None:
+        """A whole answer at once, with the exchange's own headers added."""
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [*headers, *self.answer_headers]})
+        await self.send({"type": "http.response.body", "body": body})
