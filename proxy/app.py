@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from . import accesslog
 from .accesslog import RequestRecord
+from .admission import FairQueue
 from .auth import Authenticator
 from .errors import ProxyError
 from .forward import Forwarder
@@ -118,7 +119,10 @@ def create_app(settings: ProxySettings) -> Appliance:
     forwarder = Forwarder(settings.engine_url, settings.engine_api_key,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(settings.keys_db, settings.usage_flush_interval_s, metrics)
-    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics)
+    queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
+                      metrics.admission_observer())
+    metrics.engine_slots.set(settings.engine_concurrency)
+    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics, queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

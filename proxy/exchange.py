@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .accesslog import RequestRecord
+from .admission import Tenant
 from .timeouts import Deadlines
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -20,6 +21,8 @@ Headers = list[tuple[bytes, bytes]]
 
 @dataclass(slots=True, eq=False)
 class Exchange:
+    tenant: Tenant
+    """The key it runs under, as fair admission sees it."""
     method: str
     path: str
     query: bytes
@@ -33,6 +36,8 @@ class Exchange:
     send: Send
     answer_headers: Headers = field(default_factory=list)
     """Added to every answer the client gets, errors included (``x-ratelimit-*``)."""
+    admitted: bool = False
+    """It got its turn at the engine (and so counts in usage), whatever happened next."""
     strip_usage: bool = False
     """The gateway asked a stream for usage on the client's behalf: drop that chunk on return."""
 

@@ -64,6 +64,8 @@ class StreamOutcome:
     """How a relayed stream ended, for accounting."""
 
     usage: TokenUsage | None = None
+    answered: bool = False
+    """The client has had the answer's headers: later errors travel as an SSE event."""
     first_chunk_at: float | None = None
     error: ProxyError | None = None
 

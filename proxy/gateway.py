@@ -10,8 +10,10 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 
 from .accesslog import RequestRecord
+from .admission import FairQueue, QueueFull, Tenant
 from .auth import Authenticator
 from .body import client_wants_usage, parse_request, with_usage_requested
 from .errors import ProxyError, engine_unavailable
@@ -124,13 +126,15 @@ async def cancelled_on_disconnect(receive):
 
 class Gateway:
     def __init__(self, settings: ProxySettings, auth: Authenticator, forwarder: Forwarder,
-                 limiter: RateLimiter, ledger: Ledger, metrics: Metrics) -> None:
+                 limiter: RateLimiter, ledger: Ledger, metrics: Metrics,
+                 queue: FairQueue) -> None:
         self.settings = settings
         self.auth = auth
         self.forwarder = forwarder
         self.limiter = limiter
         self.ledger = ledger
         self.metrics = metrics
+        self.queue = queue
         self.inflight = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -172,15 +176,17 @@ class Gateway:
         extra.extend(as_header_list(decision.headers))
         if not decision.allowed:
             self.metrics.rate_limited.labels(key.name, decision.reason).inc()
+            self.metrics.refused.labels(key.name, decision.reason).inc()
             retry = str(max(1, math.ceil(decision.retry_after_s)))
             raise ProxyError(429, f"Rate limit reached for {decision.reason} per minute on key "
                              f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
                              headers={"Retry-After": retry})
         await self.forwarder.ensure_ready()
         if self.inflight >= self.settings.max_inflight:
-            raise engine_unavailable("The engine is at capacity; retry shortly.")
+            self.metrics.refused.labels(key.name, "capacity").inc()
+            raise engine_unavailable("The gateway is at capacity; retry shortly.")
 
-        ex = Exchange(method, path, scope.get("query_string", b""),
+        ex = Exchange(Tenant(key.name), method, path, scope.get("query_string", b""),
                       upstream_headers(scope["headers"], record.request_id,
                                        self.forwarder.engine_key, json_body=body is not None),
                       raw, deadlines_for(body, path in GENERATION_ROUTES, self.settings),
@@ -195,15 +201,22 @@ class Gateway:
                 await self.stream(ex)
             else:
                 await self.unary(ex)
+        except QueueFull:
+            self.metrics.refused.labels(key.name, "queue_full").inc()
+            raise ProxyError(429, f"Too many requests waiting on key {key.name!r} "
+                             f"({self.settings.max_queued_per_key} at most); retry shortly.",
+                             "too_many_requests", headers={"Retry-After": "1"}) from None
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
-            self.account(record)
+            if ex.admitted:
+                self.account(record)
 
     async def unary(self, ex: Exchange) -> None:
         total_s = ex.deadlines.total
         try:
-            async with cancelled_on_disconnect(ex.receive), asyncio.timeout(total_s):
+            async with cancelled_on_disconnect(ex.receive), asyncio.timeout(total_s), \
+                    self.engine_slot(ex):
                 response = await self.forwarder.call(ex)
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
@@ -219,56 +232,71 @@ class Gateway:
     async def stream(self, ex: Exchange) -> None:
         outcome = StreamOutcome()
         started = time.monotonic()
-        response = None
-        answered = False
-        deadlines, send = ex.deadlines, ex.send
+        deadlines = ex.deadlines
         try:
             async with cancelled_on_disconnect(ex.receive), asyncio.timeout(
                 deadlines.first_token
-            ) as deadline:
+            ) as deadline, self.engine_slot(ex):
                 response = await self.forwarder.open_stream(ex)
-                if response.status_code != 200:
-                    await response.aread()
-                    await ex.answer(response.status_code, client_headers(response.headers),
-                                    response.content)
-                    return
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [*SSE_HEADERS, *ex.answer_headers]})
-                answered = True
-                async for events in self.forwarder.relay(response, deadline, deadlines.idle,
-                                                         ex.strip_usage, outcome):
-                    await send({"type": "http.response.body", "body": events,
-                                "more_body": True})
-                if outcome.error is not None:
-                    await self.end_stream(send, outcome.error, ex.record)
-                    return
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                try:
+                    await self.relay(ex, response, deadline, outcome)
+                finally:
+                    await response.aclose()
         except TimeoutError:
             self.metrics.upstream_aborts.labels("deadline").inc()
             if outcome.first_chunk_at is None:
                 err = timeout_error(f"no first token within {deadlines.first_token:g}s")
             else:
                 err = timeout_error(f"no new token within {deadlines.idle:g}s")
-            if not answered:
+            if not outcome.answered:
                 raise err from None
-            await self.end_stream(send, err, ex.record)
+            await self.end_stream(ex, err)
         except ClientGone:
             self.metrics.upstream_aborts.labels("client_disconnected").inc()
             raise
         finally:
-            if response is not None:
-                await response.aclose()
             if outcome.first_chunk_at is not None:
                 self.metrics.ttft.labels(ex.path).observe(outcome.first_chunk_at - started)
             note_usage(ex.record, outcome.usage)
 
-    async def end_stream(self, send, err: ProxyError, record: RequestRecord) -> None:
+    async def relay(self, ex: Exchange, response, deadline: asyncio.Timeout,
+                    outcome: StreamOutcome) -> None:
+        """Relay the engine's answer to the client: its error as it is, else event by event."""
+        if response.status_code != 200:
+            await response.aread()
+            await ex.answer(response.status_code, client_headers(response.headers),
+                            response.content)
+            return
+        send = ex.send
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*SSE_HEADERS, *ex.answer_headers]})
+        outcome.answered = True
+        async for events in self.forwarder.relay(response, deadline, ex.deadlines.idle,
+                                                 ex.strip_usage, outcome):
+            await send({"type": "http.response.body", "body": events, "more_body": True})
+        if outcome.error is not None:
+            await self.end_stream(ex, outcome.error)
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @contextlib.asynccontextmanager
+    async def engine_slot(self, ex: Exchange) -> AsyncIterator[None]:
+        """Generation waits its key's fair turn for an engine slot; other routes go straight."""
+        if ex.path not in GENERATION_ROUTES:
+            ex.admitted = True
+            yield
+            return
+        async with self.queue.slot(ex.tenant):
+            ex.admitted = True
+            yield
+
+    async def end_stream(self, ex: Exchange, err: ProxyError) -> None:
         """Headers are gone already: the error travels as the stream's last event."""
-        record.error = err.code
-        await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
+        ex.record.error = err.code
+        await ex.send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
 
     def account(self, record: RequestRecord) -> None:
-        """Every request forwarded counts once, with the tokens the engine reported (if any)."""
+        """Every request sent to the engine counts once, with the tokens it reported (if any)."""
         prompt, completion = record.prompt_tokens, record.completion_tokens
         self.ledger.record(record.key, prompt, completion)
         if prompt + completion:

@@ -5,6 +5,8 @@ Labels carry key names, never secrets or hashes; ``/metrics`` is served to loopb
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .admission import Observer
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -37,12 +39,32 @@ class Metrics:
         self.rate_limited = Counter("appliance_rate_limited_total",
                                     "Requests refused by a per-key limit.", ["key", "limit"],
                                     registry=r)
+        self.refused = Counter("appliance_requests_refused_total",
+                               "Requests the gateway refused before the engine, by reason"
+                               " (requests, tokens, queue_full, capacity, quota, model).",
+                               ["key", "reason"], registry=r)
+        self.queue_depth = Gauge("appliance_queue_depth",
+                                 "Requests waiting in the gateway for an engine slot, per key.",
+                                 ["key"], registry=r)
+        self.queue_wait = Histogram("appliance_queue_wait_seconds",
+                                    "Time a request waited in the gateway for an engine slot.",
+                                    ["key"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_slots = Gauge("appliance_engine_slots",
+                                  "Requests the gateway lets into the engine at once.",
+                                  registry=r)
+        self.engine_slots_in_use = Gauge("appliance_engine_slots_in_use",
+                                         "Engine slots held by requests now.", registry=r)
         self.usage_write_failures = Counter("appliance_usage_write_failures_total",
                                             "Usage flushes the key store refused (kept in memory).",
                                             registry=r)
         self.usage_unsaved = Gauge("appliance_usage_unsaved_requests",
                                    "Requests whose usage is not yet written to the key store.",
                                    registry=r)
+
+    def admission_observer(self) -> Observer:
+        return Observer(depth=lambda key, n: self.queue_depth.labels(key).set(n),
+                        waited=lambda key, s: self.queue_wait.labels(key).observe(s),
+                        in_use=self.engine_slots_in_use.set)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

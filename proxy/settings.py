@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE = Path("/etc/appliance/appliance.env")
@@ -50,8 +50,17 @@ class ProxySettings(BaseSettings):
     short_timeout_s: PositiveFloat = 10.0
     """Deadline for routes that generate nothing (``/v1/models``, tokenizer routes)."""
 
-    max_inflight: int = Field(256, ge=1)
-    """Requests in flight to the engine at once; more get 503 with ``Retry-After``."""
+    max_num_seqs: int = Field(256, ge=1)
+    """The engine's batch size: ``appliance-engine`` passes this same variable to vLLM."""
+    engine_concurrency: int | None = Field(None, ge=1)
+    """Requests let into the engine at once; the rest wait in the gateway, one fair queue per
+    key. Default ``max_num_seqs``, so the engine's own first-come queue stays empty."""
+    max_queued_per_key: int = Field(128, ge=0)
+    """Requests one key may have waiting for an engine slot; more get 429 ``too_many_requests``."""
+    max_inflight: int | None = Field(None, ge=1)
+    """Memory guard: requests inside the gateway at once, all keys together; more get 503.
+    Default 4 x (``engine_concurrency`` + ``max_queued_per_key``); it must exceed what one key
+    can hold, so no single key reaches it."""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest request body accepted (NGINX's ``client_max_body_size`` matches it)."""
 
@@ -61,6 +70,19 @@ class ProxySettings(BaseSettings):
     """How often per-key usage is written to the key store."""
 
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _size_admission(self) -> "ProxySettings":
+        if self.engine_concurrency is None:
+            self.engine_concurrency = self.max_num_seqs
+        one_key = self.engine_concurrency + self.max_queued_per_key
+        if self.max_inflight is None:
+            self.max_inflight = 4 * one_key
+        elif self.max_inflight <= one_key:
+            raise ValueError(
+                f"APPLIANCE_MAX_INFLIGHT ({self.max_inflight}) must exceed what one key can hold:"
+                f" APPLIANCE_ENGINE_CONCURRENCY + APPLIANCE_MAX_QUEUED_PER_KEY = {one_key}")
+        return self
 
 
 def load_settings() -> ProxySettings:

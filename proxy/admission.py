@@ -1,0 +1,150 @@
+"""Fair admission: which waiting request gets the next free engine slot.
+
+vLLM runs at most ``max_num_seqs`` sequences at once and queues the rest first come, first
+served; its priority scheduling does not pre-empt a running request, so once its batch is full
+one key's flood decides everyone's order. The gateway therefore keeps the engine's queue empty:
+it admits at most ``capacity`` requests to the engine and holds the rest here, one queue per key.
+
+The order is start-time fair queueing over requests. Each key carries a virtual finish tag; a
+request admitted from it starts at ``max(key's tag, clock)`` and advances the key's tag by
+``1 / weight``. The next free slot goes to the waiting key with the smallest start, so keys share
+slots in proportion to their weights, and a key that was idle re-enters at the clock instead of
+spending credit it banked while away. The unit is a request, not a token: the scarce thing at
+admission is a batch slot, and a request's length is unknown until it ends (tokens are bounded
+by the key's TPM limit and quota instead).
+
+A key's ``max_concurrent`` caps its requests at the engine; its queue is bounded so that one key
+can never hold all of the gateway's memory guard (``QueueFull``: the caller answers 429).
+"""
+
+import asyncio
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+
+class QueueFull(Exception):
+    """The key already has as many requests waiting as it may."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """What admission needs to know of a key: its name and its share."""
+
+    name: str
+    weight: float = 1.0
+    max_concurrent: int | None = None
+
+
+@dataclass(eq=False)
+class Lane:
+    """One key's queue and its place in the fair order."""
+
+    name: str
+    weight: float = 1.0
+    max_concurrent: int | None = None
+    waiting: deque[tuple[int, asyncio.Future]] = field(default_factory=deque)
+    running: int = 0
+    finish: float = 0.0
+
+    def eligible(self) -> bool:
+        return bool(self.waiting) and (self.max_concurrent is None
+                                       or self.running < self.max_concurrent)
+
+
+@dataclass(frozen=True)
+class Observer:
+    """Callbacks to the metrics, so this module stays free of Prometheus."""
+
+    depth: Callable[[str, int], None] = lambda key, depth: None
+    waited: Callable[[str, float], None] = lambda key, seconds: None
+    in_use: Callable[[int], None] = lambda slots: None
+
+
+class FairQueue:
+    def __init__(self, capacity: int, max_queued_per_key: int,
+                 observer: Observer | None = None) -> None:
+        if capacity < 1 or max_queued_per_key < 0:
+            raise ValueError("capacity must be positive and the per-key queue bound not negative")
+        self.capacity = capacity
+        self.max_queued_per_key = max_queued_per_key
+        self.observe = observer or Observer()
+        self.lanes: dict[str, Lane] = {}
+        self.running = 0
+        self.clock = 0.0
+        self.arrivals = itertools.count()
+
+    def queued(self, name: str) -> int:
+        lane = self.lanes.get(name)
+        return len(lane.waiting) if lane else 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: Tenant) -> AsyncIterator[None]:
+        """Hold one engine slot for the enclosed work; wait fairly for it if none is free."""
+        lane = self._lane(tenant)
+        await self._acquire(lane)
+        try:
+            yield
+        finally:
+            self._release(lane)
+
+    def _lane(self, tenant: Tenant) -> Lane:
+        lane = self.lanes.get(tenant.name)
+        if lane is None:
+            lane = self.lanes[tenant.name] = Lane(tenant.name, finish=self.clock)
+        lane.weight, lane.max_concurrent = tenant.weight, tenant.max_concurrent
+        return lane
+
+    async def _acquire(self, lane: Lane) -> None:
+        if not lane.waiting and self.running < self.capacity and (
+                lane.max_concurrent is None or lane.running < lane.max_concurrent):
+            self._admit(lane)
+            return
+        if len(lane.waiting) >= self.max_queued_per_key:
+            raise QueueFull(lane.name)
+        loop = asyncio.get_running_loop()
+        granted = loop.create_future()
+        entry = (next(self.arrivals), granted)
+        lane.waiting.append(entry)
+        self.observe.depth(lane.name, len(lane.waiting))
+        queued_at = loop.time()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if not granted.cancelled():
+                self._release(lane)  # granted just as the waiter gave up: hand the slot on
+            elif entry in lane.waiting:
+                lane.waiting.remove(entry)
+                self.observe.depth(lane.name, len(lane.waiting))
+            raise
+        self.observe.waited(lane.name, loop.time() - queued_at)
+
+    def _admit(self, lane: Lane) -> None:
+        start = max(lane.finish, self.clock)
+        lane.finish = start + 1.0 / lane.weight
+        self.clock = start
+        lane.running += 1
+        self.running += 1
+        self.observe.in_use(self.running)
+
+    def _release(self, lane: Lane) -> None:
+        lane.running -= 1
+        self.running -= 1
+        self.observe.in_use(self.running)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Fill free slots from the eligible key whose next request starts earliest."""
+        while self.running < self.capacity:
+            ready = [lane for lane in self.lanes.values() if lane.eligible()]
+            if not ready:
+                return
+            lane = min(ready, key=lambda ln: (max(ln.finish, self.clock), ln.waiting[0][0]))
+            _, granted = lane.waiting.popleft()
+            self.observe.depth(lane.name, len(lane.waiting))
+            if granted.cancelled():
+                continue  # its waiter is leaving and takes no slot
+            self._admit(lane)
+            granted.set_result(None)

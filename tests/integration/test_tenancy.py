@@ -1,0 +1,132 @@
+"""Tenancy on the fake engine: fair engine slots, per-key queue bounds, the memory guard.
+
+The fake engine holds a stream open as long as asked, so "the engine's batch is full" is a
+state the tests set up exactly, and its /fake/stats says what reached it.
+"""
+
+import threading
+
+import httpx
+import pytest
+
+from tests.integration.proxy_stack import gateway
+from tests.integration.test_gateway import CHAT, error_of, wait_for
+
+SLOW = {**CHAT, "stream": True, "max_tokens": 2, "fake": {"first_delay": 3}}
+
+
+def post_in_background(p, name: str, body: dict, results: list) -> threading.Thread:
+    headers = p.headers(name)
+
+    def go() -> None:
+        r = httpx.post(p.url + "/v1/chat/completions", headers=headers, json=body, timeout=30)
+        results.append((name, r.status_code, r.text))
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread
+
+
+def metric(p, name: str) -> float:
+    text = httpx.get(p.url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name))
+
+
+@pytest.fixture
+def two_slots(fake, tmp_path):
+    with gateway(fake.url, tmp_path, engine_concurrency=2, max_queued_per_key=4) as p:
+        p.key("noisy"), p.key("quiet")
+        yield p
+
+
+def test_the_engine_never_gets_more_than_its_slots(two_slots, fake):
+    results: list = []
+    threads = [post_in_background(two_slots, "noisy", SLOW, results) for _ in range(4)]
+    wait_for(lambda: metric(two_slots, 'appliance_queue_depth{key="noisy"}') == 2)
+    assert fake.stats()["in_progress"] == 2
+    assert metric(two_slots, "appliance_engine_slots_in_use") == 2
+    for t in threads:
+        t.join()
+    assert [status for _, status, _ in results] == [200] * 4
+
+
+def test_a_quiet_key_gets_the_next_slot_ahead_of_a_queued_flood(two_slots, fake):
+    results: list = []
+    flood = [post_in_background(two_slots, "noisy", SLOW, results) for _ in range(6)]
+    wait_for(lambda: metric(two_slots, 'appliance_queue_depth{key="noisy"}') == 4)
+    quiet = post_in_background(two_slots, "quiet", {**CHAT, "fake": {"delay": 0}}, results)
+    quiet.join()
+    # Served when the first of the two running streams ended, ahead of the four queued ones
+    # (first come, first served would finish at least four of the flood before it).
+    assert [name for name, _, _ in results].index("quiet") <= 2
+    for t in flood:
+        t.join()
+    assert all(status == 200 for _, status, _ in results)
+
+
+def test_a_key_over_its_queue_bound_gets_429_and_others_still_queue(two_slots):
+    results: list = []
+    flood = [post_in_background(two_slots, "noisy", SLOW, results) for _ in range(6)]
+    wait_for(lambda: metric(two_slots, 'appliance_queue_depth{key="noisy"}') == 4)
+    refused = httpx.post(two_slots.url + "/v1/chat/completions", headers=two_slots.headers(
+        "noisy"), json=SLOW)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert error_of(refused)["code"] == "too_many_requests"
+    quiet = httpx.post(two_slots.url + "/v1/chat/completions", headers=two_slots.headers(
+        "quiet"), json={**CHAT, "fake": {"delay": 0}}, timeout=30)
+    assert quiet.status_code == 200
+    assert metric(two_slots, 'appliance_requests_refused_total{key="noisy",reason="queue_full"}'
+                  ) == 1
+    for t in flood:
+        t.join()
+
+
+def test_routes_that_generate_nothing_never_wait(two_slots):
+    results: list = []
+    flood = [post_in_background(two_slots, "noisy", SLOW, results) for _ in range(4)]
+    wait_for(lambda: metric(two_slots, 'appliance_queue_depth{key="noisy"}') == 2)
+    models = httpx.get(two_slots.url + "/v1/models", headers=two_slots.headers("quiet"))
+    tokens = httpx.post(two_slots.url + "/tokenize", headers=two_slots.headers("quiet"),
+                        json={"prompt": "hi"})
+    assert models.status_code == 200 and tokens.status_code != 503
+    assert len(results) == 0  # the flood is still running or queued
+    for t in flood:
+        t.join()
+
+
+def test_time_in_the_queue_counts_against_the_first_token_deadline(fake, tmp_path):
+    with gateway(fake.url, tmp_path, engine_concurrency=1, stream_first_token_timeout_s=1
+                 ) as p:
+        results: list = []
+        started = fake.stats()["started"]
+        holder = post_in_background(p, "noisy", {**SLOW, "max_tokens": 6, "fake": {
+            "first_delay": 0.5, "interval": 0.5}}, results)
+        wait_for(lambda: fake.stats()["in_progress"] == 1)
+        late = httpx.post(p.url + "/v1/chat/completions", headers=p.headers("quiet"),
+                          json={**SLOW, "fake": {}}, timeout=30)
+        holder.join()
+        assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+        assert fake.stats()["started"] == started + 1  # the late request never reached the engine
+
+
+def test_the_memory_guard_refuses_only_when_keys_together_fill_it(fake, tmp_path):
+    with gateway(fake.url, tmp_path, engine_concurrency=1, max_queued_per_key=1,
+                 max_inflight=3) as p:
+        results: list = []
+        threads = [post_in_background(p, "a", SLOW, results) for _ in range(2)]
+        wait_for(lambda: metric(p, 'appliance_queue_depth{key="a"}') == 1)
+        threads.append(post_in_background(p, "b", SLOW, results))
+        wait_for(lambda: metric(p, 'appliance_queue_depth{key="b"}') == 1)
+        refused = httpx.post(p.url + "/v1/chat/completions", headers=p.headers("c"), json=CHAT)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert error_of(refused)["type"] == "service_unavailable"
+        for t in threads:
+            t.join()
+        assert sorted(status for _, status, _ in results) == [200, 200, 200]
+
+
+def test_a_memory_guard_one_key_could_fill_is_refused_at_start(fake, tmp_path):
+    with pytest.raises(RuntimeError), gateway(fake.url, tmp_path, engine_concurrency=4,
+                                              max_queued_per_key=4, max_inflight=8):
+        pass
