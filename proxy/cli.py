@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .keys import (
     PERIODS,
+    SETTINGS,
     Key,
     KeyExists,
     KeyReport,
@@ -24,8 +25,6 @@ from .keys import (
 )
 from .settings import load_settings
 
-SETTINGS = ("rpm", "tpm", "expires_days", "max_concurrent", "weight", "models", "quota_tokens",
-            "quota_period")
 # update's flags that remove a limit: setting -> (flag, help). The flag stores CLEAR (None).
 CLEARS = {
     "rpm": ("--no-rpm", "no requests-per-minute limit"),

@@ -27,6 +27,8 @@ from pathlib import Path
 
 SECRET_PREFIX = "sk-app-"
 PERIODS = ("day", "month")
+SETTINGS = ("rpm", "tpm", "expires_days", "max_concurrent", "weight", "models", "quota_tokens",
+            "quota_period")
 KEY_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,64}")
 
 
@@ -158,32 +160,28 @@ def _period(value: object) -> str:
     return str(value)
 
 
-# What a caller may set on a key, and how each becomes a column value. None clears a limit,
-# except for weight and quota_period, which always have a value.
-SETTINGS: dict[str, tuple[str, Callable[[object, float], object]]] = {
-    "rpm": ("rpm", lambda v, _: _count("rpm", v)),
-    "tpm": ("tpm", lambda v, _: _count("tpm", v)),
-    "expires_days": ("expires_at",
-                     lambda v, now: None if v is None else now + _positive("expires_days", v)
-                     * 86400),
-    "max_concurrent": ("max_concurrent", lambda v, _: _count("max_concurrent", v)),
-    "weight": ("weight", lambda v, _: _positive("weight", v)),
-    "models": ("models", lambda v, _: _models(v)),
-    "quota_tokens": ("quota_tokens", lambda v, _: _count("quota_tokens", v)),
-    "quota_period": ("quota_period", lambda v, _: _period(v)),
-}
-
-
 def setting_columns(changes: Mapping[str, object], now: float) -> dict[str, object]:
     """Validated settings -> the ``keys`` columns they set; ValueError names what is wrong.
 
-    ``expires_days`` counts from ``now``: on ``update`` it renews a key from today.
+    None clears a limit (weight and quota_period always have a value). ``expires_days``
+    counts from ``now``: on ``update`` it renews a key from today.
     """
-    unknown = set(changes) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown key settings: {', '.join(sorted(unknown))}")
-    return {SETTINGS[option][0]: SETTINGS[option][1](value, now)
-            for option, value in changes.items()}
+    columns: dict[str, object] = {}
+    for option, value in changes.items():
+        if option in ("rpm", "tpm", "max_concurrent", "quota_tokens"):
+            columns[option] = _count(option, value)
+        elif option == "expires_days":
+            columns["expires_at"] = (None if value is None
+                                     else now + 86400 * _positive(option, value))
+        elif option == "weight":
+            columns["weight"] = _positive(option, value)
+        elif option == "models":
+            columns["models"] = _models(value)
+        elif option == "quota_period":
+            columns["quota_period"] = _period(value)
+        else:
+            raise ValueError(f"unknown key setting {option!r}; known: {', '.join(SETTINGS)}")
+    return columns
 
 
 def check_key_name(name: str) -> str:
