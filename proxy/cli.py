@@ -146,7 +146,7 @@ def quota(key: Key) -> str:
 
 def show(report: KeyReport, now: float) -> None:
     key, total = report.key, report.total
-    left = "-" if report.quota_left is None else report.quota_left
+    left = "no quota" if report.quota_left is None else f"{report.quota_left} left"
     rows = [
         ("name", key.name),
         ("secret ends", "…" + key.hint),
@@ -161,7 +161,7 @@ def show(report: KeyReport, now: float) -> None:
         ("quota", "-" if key.quota_tokens is None
          else f"{key.quota_tokens} tokens per {key.quota_period}"),
         ("period", f"{report.period} (ends {when(period_end(key.quota_period, now))} UTC)"),
-        ("period used", f"{report.period_tokens} tokens, {left} left"),
+        ("period used", f"{report.period_tokens} tokens, {left}"),
         ("requests", total.requests),
         ("prompt tokens", total.prompt_tokens),
         ("completion tokens", total.completion_tokens),

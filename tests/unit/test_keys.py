@@ -220,6 +220,7 @@ def test_tenancy_settings_are_stored_and_looked_up(store):
         5, 2, 2.5, 1000, "day")
     assert key.models == frozenset({"m1", "m2"})
     assert key.allows_model("m1") and not key.allows_model("m3")
+    assert hash(key) == hash(store.lookup(secret))
     assert store.lookup(store.create("bob")).allows_model("anything")
 
 
