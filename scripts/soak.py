@@ -226,7 +226,7 @@ def store_usage(db: Path) -> dict[str, tuple[int, int, int]]:
                          capture_output=True, text=True, check=True).stdout
     rows = {}
     for line in out.splitlines()[1:]:
-        name, requests, prompt, completion = line.split()
+        name, requests, prompt, completion, *_ = line.split()
         rows[name] = (int(requests), int(prompt), int(completion))
     return rows
 
