@@ -5,15 +5,24 @@ from proxy.settings import load_settings
 
 def test_env_file_is_read_and_environment_wins(tmp_path, monkeypatch):
     env_file = tmp_path / "appliance.env"
-    env_file.write_text("APPLIANCE_ENGINE_URL=http://127.0.0.1:9001\nAPPLIANCE_MAX_INFLIGHT=7\n")
+    env_file.write_text("APPLIANCE_ENGINE_URL=http://127.0.0.1:9001\n"
+                        "APPLIANCE_MAX_QUEUED_PER_KEY=7\n")
     monkeypatch.setenv("APPLIANCE_ENV_FILE", str(env_file))
-    monkeypatch.setenv("APPLIANCE_MAX_INFLIGHT", "9")
+    monkeypatch.setenv("APPLIANCE_MAX_QUEUED_PER_KEY", "9")
     settings = load_settings()
     assert settings.engine_url == "http://127.0.0.1:9001"
-    assert settings.max_inflight == 9
+    assert settings.max_queued_per_key == 9
 
 
 def test_unreadable_or_missing_env_file_leaves_the_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("APPLIANCE_ENV_FILE", str(tmp_path / "absent.env"))
     monkeypatch.delenv("APPLIANCE_ENGINE_URL", raising=False)
     assert load_settings().engine_url == "http://127.0.0.1:8000"
+
+
+def test_admission_defaults_follow_the_engines_batch_size(monkeypatch):
+    monkeypatch.setenv("APPLIANCE_MAX_NUM_SEQS", "8")
+    monkeypatch.setenv("APPLIANCE_MAX_QUEUED_PER_KEY", "16")
+    settings = load_settings()
+    assert settings.engine_concurrency == 8
+    assert settings.max_inflight > settings.engine_concurrency + settings.max_queued_per_key
