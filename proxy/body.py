@@ -1,7 +1,7 @@
 """The few request fields the gateway acts on, checked for type; everything else passes through.
 
 Returns the parsed body so the forwarder can read ``stream`` and ``max_tokens``; the bytes sent
-upstream stay the client's own unless the gateway must change them (see ``with_usage_requested``).
+upstream stay the client's own unless the gateway must change them (see ``usage_requested``).
 """
 
 import json
@@ -51,12 +51,16 @@ def parse_request(raw: bytes) -> dict:
     return body
 
 
-def client_wants_usage(body: dict) -> bool:
-    return bool((body.get("stream_options") or {}).get("include_usage"))
+def usage_requested(body: dict) -> tuple[bytes | None, bool, bool]:
+    """Ask a stream for usage on every chunk, noting what the client must not see of it.
 
-
-def with_usage_requested(body: dict) -> bytes:
-    """The body re-encoded with ``stream_options.include_usage`` on, so a stream reports usage."""
-    options = dict(body.get("stream_options") or {})
-    options["include_usage"] = True
-    return json.dumps({**body, "stream_options": options}, ensure_ascii=False).encode()
+    Returns the body to send (None: the client's own bytes will do), whether to drop the final
+    usage-only chunk, and whether to cut the running usage out of every other chunk.
+    """
+    options = body.get("stream_options") or {}
+    wants_final = bool(options.get("include_usage"))
+    if wants_final and options.get("continuous_usage_stats"):
+        return None, False, False
+    options = {**options, "include_usage": True, "continuous_usage_stats": True}
+    content = json.dumps({**body, "stream_options": options}, ensure_ascii=False).encode()
+    return content, not wants_final, True

@@ -38,8 +38,10 @@ class Exchange:
     """Added to every answer the client gets, errors included (``x-ratelimit-*``)."""
     admitted: bool = False
     """It got its turn at the engine (and so counts in usage), whatever happened next."""
-    strip_usage: bool = False
-    """The gateway asked a stream for usage on the client's behalf: drop that chunk on return."""
+    strip_final_usage: bool = False
+    """The gateway asked a stream for usage on the client's behalf: drop the usage-only chunk."""
+    strip_chunk_usage: bool = False
+    """... and for the running count on every chunk: cut it out of each before relaying."""
 
     async def answer(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole answer at once, with the exchange's own headers added."""

@@ -7,16 +7,17 @@ is closed, which closes its connection, which makes vLLM abort the generation.
 """
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from .errors import ProxyError, engine_unavailable
 from .exchange import Exchange
 from .transport import EngineTransport
-from .usage import TokenUsage, from_sse_event
+from .usage import TokenUsage, take_usage
 
 HOP_BY_HOP = frozenset(
     {
@@ -28,6 +29,8 @@ HOP_BY_HOP = frozenset(
 # Client headers the engine may see; everything else (cookies, the client's key) stays here.
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
 PARTIAL_EVENT_LIMIT = 1 << 20
+FINISHED = re.compile(rb'"finish_reason":\s*"')
+FINGERPRINT = re.compile(rb',\s*"system_fingerprint":\s*"[^"]*"')
 # Reads are bounded by the request's own deadlines, which the gateway arms around each call.
 NO_READ_TIMEOUT = {"connect": 5.0, "read": None}
 HEALTH_TIMEOUT = {"connect": 5.0, "read": 2.0}
@@ -68,6 +71,8 @@ class StreamOutcome:
     """The client has had the answer's headers: later errors travel as an SSE event."""
     first_chunk_at: float | None = None
     error: ProxyError | None = None
+    held: list[bytes] = field(default_factory=list)
+    """Terminal chunks waiting for the usage chunk's fingerprint (see ``_take_usage``)."""
 
 
 class Forwarder:
@@ -151,14 +156,15 @@ class Forwarder:
         except httpx.HTTPError as exc:
             raise self._failure(exc) from None
 
-    async def relay(self, response: httpx.Response, deadline: asyncio.Timeout, idle_s: float,
-                    strip_usage: bool, outcome: StreamOutcome) -> AsyncIterator[bytes]:
+    async def relay(self, ex: Exchange, response: httpx.Response, deadline: asyncio.Timeout,
+                    outcome: StreamOutcome) -> AsyncIterator[bytes]:
         """Yield complete SSE events as they arrive, noting usage and stripping what we added.
 
         ``deadline`` is already armed with the first-token deadline; after each chunk it is
         re-armed with the idle deadline, and disarmed while the client is being written to.
         """
         loop = asyncio.get_running_loop()
+        idle_s = ex.deadlines.idle
         partial = b""
         chunks = response.aiter_raw()
         while True:
@@ -182,22 +188,45 @@ class Forwarder:
                 cut = len(data)
             ready, partial = data[:cut], data[cut:]
             if b'"usage"' in ready:
-                ready = self._take_usage(ready, strip_usage, outcome)
+                ready = self._take_usage(ready, ex, outcome)
             if ready:
                 yield ready
             deadline.reschedule(loop.time() + idle_s)
+        if outcome.held:  # the usage chunk never came: relay the terminal chunks as they were
+            yield b"".join(_stamped(event, b"") for event in outcome.held)
         if partial:
             yield partial
 
     @staticmethod
-    def _take_usage(ready: bytes, strip_usage: bool, outcome: StreamOutcome) -> bytes:
+    def _take_usage(ready: bytes, ex: Exchange, outcome: StreamOutcome) -> bytes:
+        """Note the latest usage; drop or cut what the gateway asked for on the client's behalf.
+
+        vLLM stamps ``system_fingerprint`` on a stream's terminal chunks only when no usage chunk
+        follows, and on the usage chunk otherwise. When that chunk is dropped, the terminal
+        chunks are held until it arrives (at once: vLLM writes them back to back) and get the
+        fingerprint it carried, so the client reads what vLLM sends a client without usage.
+        """
         kept = []
         for event in ready.split(b"\n\n"):
             if not event:
                 continue
-            usage, only_usage = from_sse_event(event)
+            event, usage, only_usage = take_usage(event, ex.strip_chunk_usage)
             if usage is not None:
                 outcome.usage = usage
-            if not (only_usage and strip_usage):
+            if only_usage and ex.strip_final_usage:
+                stamp = FINGERPRINT.search(event)
+                kept.extend(_stamped(held, stamp.group(0) if stamp else b"")
+                            for held in outcome.held)
+                outcome.held.clear()
+            elif ex.strip_final_usage and FINISHED.search(event):
+                outcome.held.append(event)
+            else:
                 kept.append(event + b"\n\n")
         return b"".join(kept)
+
+
+def _stamped(event: bytes, fingerprint: bytes) -> bytes:
+    """The terminal chunk with the fingerprint as vLLM's last field, and its event's end."""
+    if fingerprint and event.endswith(b"}"):
+        event = event[:-1] + fingerprint + b"}"
+    return event + b"\n\n"

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from .accesslog import RequestRecord
 from .admission import FairQueue, QueueFull, Tenant
 from .auth import Authenticator
-from .body import client_wants_usage, parse_request, with_usage_requested
+from .body import parse_request, usage_requested
 from .errors import ProxyError, engine_unavailable
 from .exchange import Exchange
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
@@ -196,8 +196,8 @@ class Gateway:
         try:
             if body is not None and body.get("stream") is True:
                 record.stream = True
-                if not client_wants_usage(body):
-                    ex.content, ex.strip_usage = with_usage_requested(body), True
+                content, ex.strip_final_usage, ex.strip_chunk_usage = usage_requested(body)
+                ex.content = content or raw
                 await self.stream(ex)
             else:
                 await self.unary(ex)
@@ -271,8 +271,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*SSE_HEADERS, *ex.answer_headers]})
         outcome.answered = True
-        async for events in self.forwarder.relay(response, deadline, ex.deadlines.idle,
-                                                 ex.strip_usage, outcome):
+        async for events in self.forwarder.relay(ex, response, deadline, outcome):
             await send({"type": "http.response.body", "body": events, "more_body": True})
         if outcome.error is not None:
             await self.end_stream(ex, outcome.error)

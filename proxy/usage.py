@@ -1,11 +1,20 @@
-"""Token usage as the engine reports it, from a JSON body or from a stream's usage event."""
+"""Token usage as the engine reports it, from a JSON body or from a stream's events.
+
+Streams are asked for vLLM's ``continuous_usage_stats``: every chunk then carries the running
+count, so a client that hangs up mid-stream is billed for what the engine generated up to the
+last chunk it was sent, not for nothing. A chunk's usage object is found and cut out by bytes
+(it is flat but for one nested ``*_details`` level), so what the client gets is byte for byte
+what vLLM sends a client that did not ask for it, and no chunk is parsed whole.
+"""
 
 import json
 import re
 from dataclasses import dataclass
 
-# vLLM writes compact JSON; only events carrying a usage object are parsed at all.
-USAGE_MARK = re.compile(rb'"usage":\s*\{')
+CHUNK_USAGE = re.compile(rb',\s*"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')
 
 
 @dataclass(frozen=True)
@@ -39,21 +48,21 @@ def from_json_body(content: bytes) -> TokenUsage | None:
         return None
 
 
-def from_sse_event(event: bytes) -> tuple[TokenUsage | None, bool]:
-    """Usage in one SSE event, and whether the event is the usage-only final chunk.
+def _count(pattern: re.Pattern, usage: bytes) -> int:
+    found = pattern.search(usage)
+    return int(found.group(1)) if found else 0
 
-    The usage-only chunk (``"choices": []``) is the one the gateway strips when it asked
-    for usage on the client's behalf.
+
+def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | None, bool]:
+    """One SSE event's usage: the event (its running usage cut out when ``strip_running``),
+    the usage found, and whether the event is the final usage-only chunk (``"choices": []``).
     """
-    if not USAGE_MARK.search(event):
-        return None, False
-    data = b"".join(
-        line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
-    )
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return None, False
-    usage = from_payload(payload)
-    only_usage = usage is not None and payload.get("choices") == []
-    return usage, only_usage
+    found = CHUNK_USAGE.search(event)
+    if found is None:
+        return event, None, False
+    usage_bytes = found.group(1)
+    usage = TokenUsage(_count(PROMPT_TOKENS, usage_bytes), _count(COMPLETION_TOKENS, usage_bytes))
+    only_usage = NO_CHOICES.search(event) is not None
+    if strip_running and not only_usage:
+        event = event[:found.start()] + event[found.end():]
+    return event, usage, only_usage

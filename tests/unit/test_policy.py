@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from proxy.body import client_wants_usage, parse_request, with_usage_requested
+from proxy.body import parse_request, usage_requested
 from proxy.errors import ProxyError
 from proxy.limits import RateLimiter, reset_text
 from proxy.settings import ProxySettings
 from proxy.timeouts import Deadlines, deadlines_for
-from proxy.usage import TokenUsage, from_json_body, from_sse_event
+from proxy.usage import TokenUsage, from_json_body, take_usage
 
 SETTINGS = ProxySettings(timeout_base_s=10, timeout_per_token_s=0.5, timeout_max_s=100,
                          stream_first_token_timeout_s=7, stream_idle_timeout_s=3,
@@ -108,11 +108,18 @@ def test_valid_request_keeps_unknown_fields():
     assert parse_request(json.dumps(body).encode()) == body
 
 
-def test_usage_is_requested_for_the_client_only_when_absent():
+def test_usage_is_requested_on_every_chunk_and_what_the_client_did_not_ask_is_stripped():
     body = {"stream": True, "stream_options": {"continuous_usage_stats": False}}
-    assert not client_wants_usage(body)
-    changed = json.loads(with_usage_requested(body))
-    assert changed["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+    content, strip_final, strip_running = usage_requested(body)
+    assert json.loads(content)["stream_options"] == {"continuous_usage_stats": True,
+                                                     "include_usage": True}
+    assert strip_final and strip_running
+    content, strip_final, strip_running = usage_requested(
+        {"stream": True, "stream_options": {"include_usage": True}})
+    assert not strip_final and strip_running
+    both = {"stream": True, "stream_options": {"include_usage": True,
+                                               "continuous_usage_stats": True}}
+    assert usage_requested(both) == (None, False, False)
 
 
 def test_usage_from_json_body():
@@ -122,8 +129,29 @@ def test_usage_from_json_body():
     assert from_json_body(b'{"data": []}') is None
 
 
-def test_usage_only_event_is_recognised_and_others_are_not_parsed():
-    usage_event = b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5}}'
-    assert from_sse_event(usage_event) == (TokenUsage(2, 5), True)
+# Shaped as vllm 0.32 writes them (pydantic, compact, exclude_unset).
+RUNNING = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+           b'"choices":[{"index":0,"delta":{"content":" \\"usage\\": {"},"logprobs":null,'
+           b'"finish_reason":null}],"usage":{"prompt_tokens":7,"total_tokens":10,'
+           b'"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":0}}}')
+FINAL = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+         b'"choices":[],"usage":{"prompt_tokens":7,"total_tokens":19,"completion_tokens":12}}')
+
+
+def test_running_usage_is_read_and_cut_out_to_the_byte():
+    event, usage, only_usage = take_usage(RUNNING, strip_running=True)
+    assert usage == TokenUsage(7, 3) and not only_usage
+    assert event == RUNNING[:RUNNING.index(b',"usage":{"prompt_tokens"')] + b"}"
+    assert json.loads(event[5:])["choices"][0]["delta"]["content"] == ' "usage": {'
+    assert take_usage(RUNNING, strip_running=False) == (RUNNING, TokenUsage(7, 3), False)
+
+
+def test_the_final_usage_only_chunk_is_recognised_and_never_cut():
+    assert take_usage(FINAL, strip_running=True) == (FINAL, TokenUsage(7, 12), True)
+    spaced = b'data: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}}'
+    assert take_usage(spaced, strip_running=True)[1:] == (TokenUsage(2, 5), True)
+
+
+def test_events_without_usage_are_left_alone():
     text_event = b'data: {"choices":[{"delta":{"content":"the \\"usage\\": {x}"}}]}'
-    assert from_sse_event(text_event) == (None, False)
+    assert take_usage(text_event, strip_running=True) == (text_event, None, False)
