@@ -27,6 +27,7 @@ from .keys import KeyStore
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
+from .quota import QuotaBook
 from .settings import ProxySettings
 
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
@@ -122,7 +123,8 @@ def create_app(settings: ProxySettings) -> Appliance:
     queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
                       metrics.admission_observer())
     metrics.engine_slots.set(settings.engine_concurrency)
-    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics, queue)
+    quota = QuotaBook(auth.period_usage)
+    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics, queue, quota)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -71,14 +71,23 @@ class Authenticator:
     def _lookup(self, secret: str) -> Key | None:
         with self.lock:
             try:
-                if self.store is None or not self.store.still_there():
-                    if self.store is not None:
-                        self.store.close()
-                        self.store = None
-                    self.store = KeyStore(self.path, busy_timeout_s=1.0, create=False)
-                return self.store.lookup(secret)
+                return self._store().lookup(secret)
             except StoreUnavailable as exc:
                 raise store_error(exc) from exc
+
+    def period_usage(self, name: str, period: str) -> int:
+        """Tokens ``name`` used in ``period``, for its quota (blocking: run it in a thread)."""
+        with self.lock:
+            return self._store().period_usage(name, period)
+
+    def _store(self) -> KeyStore:
+        """The open store, reopened when the file was removed or replaced under it."""
+        if self.store is None or not self.store.still_there():
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+            self.store = KeyStore(self.path, busy_timeout_s=1.0, create=False)
+        return self.store
 
 
 def store_error(exc: Exception) -> ProxyError:

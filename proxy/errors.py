@@ -33,9 +33,12 @@ class ProxyError(Exception):
     code: str
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    kind: str | None = None
+    """OpenAI's ``type`` where it is not the status's usual one (``model_not_found`` is a 404
+    ``invalid_request_error``)."""
 
     def payload(self) -> dict:
-        kind = ERROR_TYPES.get(self.status, "invalid_request_error")
+        kind = self.kind or ERROR_TYPES.get(self.status, "invalid_request_error")
         return {
             "error": {"message": self.message, "type": kind, "param": self.param,
                       "code": self.code}
@@ -59,3 +62,9 @@ def unauthorized(message: str) -> ProxyError:
 
 def engine_unavailable(message: str) -> ProxyError:
     return ProxyError(503, message, "engine_unavailable", headers={"Retry-After": "5"})
+
+
+def model_not_found(model: str) -> ProxyError:
+    """OpenAI's words: the same answer whether the model is missing or only not this key's."""
+    return ProxyError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                      "model_not_found", "model", kind="invalid_request_error")

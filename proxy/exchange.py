@@ -36,6 +36,8 @@ class Exchange:
     send: Send
     answer_headers: Headers = field(default_factory=list)
     """Added to every answer the client gets, errors included (``x-ratelimit-*``)."""
+    allowed_models: frozenset[str] | None = None
+    """The served models the key may use and see; None: every one."""
     admitted: bool = False
     """It got its turn at the engine (and so counts in usage), whatever happened next."""
     strip_final_usage: bool = False

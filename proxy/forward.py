@@ -91,6 +91,7 @@ class Forwarder:
         self.transport = EngineTransport(self.base.host, self.base.port or 80)
         self.engine_ready = False
         self.checked_at = 0.0
+        self.contexts: dict[str, int] = {}
 
     async def close(self) -> None:
         await self.transport.aclose()
@@ -118,6 +119,26 @@ class Forwarder:
         if self.engine_ready:
             return True, "the engine is healthy"
         return False, f"the engine reports {response.status_code}; the model may be loading"
+
+    async def context_length(self, model: str | None) -> int | None:
+        """The model's context length (prompt + completion) from the engine's model list."""
+        if model in self.contexts:
+            return self.contexts[model]
+        headers = upstream_headers([], "models", self.engine_key, json_body=False)
+        request = httpx.Request("GET", self._url("/v1/models", b""), headers=headers,
+                                extensions={"timeout": HEALTH_TIMEOUT})
+        try:
+            response = await self.transport.handle_async_request(request)
+            await response.aread()
+            cards = response.json().get("data", []) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        for card in cards:
+            if isinstance(card, dict) and isinstance(card.get("max_model_len"), int):
+                self.contexts[card.get("id")] = card["max_model_len"]
+        if model is None and len(self.contexts) == 1:
+            return next(iter(self.contexts.values()))
+        return self.contexts.get(model)
 
     async def ensure_ready(self) -> None:
         """Refuse early, with ``Retry-After``, while the engine is down or loading."""

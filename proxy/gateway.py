@@ -11,17 +11,20 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 from .accesslog import RequestRecord
 from .admission import FairQueue, QueueFull, Tenant
-from .auth import Authenticator
+from .auth import Authenticator, store_error
 from .body import parse_request, usage_requested
-from .errors import ProxyError, engine_unavailable
+from .errors import ProxyError, engine_unavailable, invalid, model_not_found
 from .exchange import Exchange
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
+from .keys import Key, StoreUnavailable
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
+from .quota import QuotaBook, QuotaExceeded, Reservation, reservation_for, retry_after_text
 from .settings import ProxySettings
 from .timeouts import deadlines_for
 from .usage import TokenUsage, from_json_body
@@ -127,7 +130,7 @@ async def cancelled_on_disconnect(receive):
 class Gateway:
     def __init__(self, settings: ProxySettings, auth: Authenticator, forwarder: Forwarder,
                  limiter: RateLimiter, ledger: Ledger, metrics: Metrics,
-                 queue: FairQueue) -> None:
+                 queue: FairQueue, quota: QuotaBook) -> None:
         self.settings = settings
         self.auth = auth
         self.forwarder = forwarder
@@ -135,6 +138,7 @@ class Gateway:
         self.ledger = ledger
         self.metrics = metrics
         self.queue = queue
+        self.quota = quota
         self.inflight = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -170,6 +174,7 @@ class Gateway:
                               headers.get(b"content-length"))
         path, method = scope["path"], scope["method"]
         body = parse_request(raw) if method == "POST" and is_json(headers) else None
+        self.check_model(key, path, body)
 
         now = time.monotonic()
         decision = self.limiter.admit(key.name, key.rpm, key.tpm, now)
@@ -182,15 +187,18 @@ class Gateway:
                              f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
                              headers={"Retry-After": retry})
         await self.forwarder.ensure_ready()
+        reservation = await self.reserve_quota(key, path, body, len(raw))
         if self.inflight >= self.settings.max_inflight:
+            self.quota.settle(reservation, 0)
             self.metrics.refused.labels(key.name, "capacity").inc()
             raise engine_unavailable("The gateway is at capacity; retry shortly.")
 
-        ex = Exchange(Tenant(key.name), method, path, scope.get("query_string", b""),
+        tenant = Tenant(key.name, key.weight, key.max_concurrent)
+        ex = Exchange(tenant, method, path, scope.get("query_string", b""),
                       upstream_headers(scope["headers"], record.request_id,
                                        self.forwarder.engine_key, json_body=body is not None),
                       raw, deadlines_for(body, path in GENERATION_ROUTES, self.settings),
-                      record, receive, send, answer_headers=extra)
+                      record, receive, send, answer_headers=extra, allowed_models=key.models)
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
@@ -211,6 +219,44 @@ class Gateway:
             self.metrics.inflight.dec()
             if ex.admitted:
                 self.account(record)
+            self.quota.settle(reservation, record.prompt_tokens + record.completion_tokens)
+
+    def check_model(self, key: Key, path: str, body: dict | None) -> None:
+        """A key limited to some models sees every other model as missing, as OpenAI words it."""
+        if key.models is None:
+            return
+        if path.startswith("/v1/models/"):
+            model = unquote(path.removeprefix("/v1/models/"))
+        elif body is not None:
+            model = body.get("model")
+            if model is None:
+                raise invalid("you must provide a model parameter", "model")
+        else:
+            return
+        if not key.allows_model(model):
+            self.metrics.refused.labels(key.name, "model").inc()
+            raise model_not_found(model)
+
+    async def reserve_quota(self, key: Key, path: str, body: dict | None,
+                            size: int) -> Reservation | None:
+        """Hold an upper bound of the request's tokens against the key's quota while it runs."""
+        if key.quota_tokens is None or path not in GENERATION_ROUTES:
+            return None
+        context = await self.forwarder.context_length((body or {}).get("model"))
+        tokens = reservation_for(path, body, size, context)
+        try:
+            return await self.quota.reserve(key, tokens, time.time())
+        except StoreUnavailable as exc:
+            raise store_error(exc) from None
+        except QuotaExceeded as exc:
+            self.metrics.refused.labels(key.name, "quota").inc()
+            needed = "an unbounded number of" if tokens is None else f"up to {tokens}"
+            raise ProxyError(429, f"Key {key.name!r} has {exc.left} of its {exc.quota} tokens "
+                             f"left this {key.quota_period}; this request may use {needed} "
+                             "tokens. Lower max_tokens or wait for the next period.",
+                             "insufficient_quota",
+                             headers={"Retry-After": retry_after_text(exc.retry_after_s)}
+                             ) from None
 
     async def unary(self, ex: Exchange) -> None:
         total_s = ex.deadlines.total

@@ -211,7 +211,8 @@ def count_prompt_tokens(request: dict) -> int:
 
 
 def models_body() -> dict:
-    entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "fake"}
+    entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "fake",
+             "max_model_len": CONTEXT_TOKENS}
     return {"object": "list", "data": [entry]}
 
 

@@ -4,13 +4,15 @@ The fake engine holds a stream open as long as asked, so "the engine's batch is 
 state the tests set up exactly, and its /fake/stats says what reached it.
 """
 
+import json
 import threading
 
 import httpx
+import openai
 import pytest
 
-from tests.integration.proxy_stack import gateway
-from tests.integration.test_gateway import CHAT, error_of, wait_for
+from tests.integration.proxy_stack import gateway, keys_cli
+from tests.integration.test_gateway import CHAT, error_of, usage_row, wait_for
 
 SLOW = {**CHAT, "stream": True, "max_tokens": 2, "fake": {"first_delay": 3}}
 
@@ -130,3 +132,75 @@ def test_a_memory_guard_one_key_could_fill_is_refused_at_start(fake, tmp_path):
     with pytest.raises(RuntimeError), gateway(fake.url, tmp_path, engine_concurrency=4,
                                               max_queued_per_key=4, max_inflight=8):
         pass
+
+
+# Per-key controls, set with the real appliance-keys CLI
+
+
+def test_max_concurrent_holds_a_key_to_its_slots_while_others_use_the_rest(fake, tmp_path):
+    with gateway(fake.url, tmp_path, engine_concurrency=4) as p:
+        p.key("capped", "--max-concurrent", "1")
+        results: list = []
+        threads = [post_in_background(p, "capped", SLOW, results) for _ in range(3)]
+        wait_for(lambda: metric(p, 'appliance_queue_depth{key="capped"}') == 2)
+        assert metric(p, "appliance_engine_slots_in_use") == 1
+        other = httpx.post(p.url + "/v1/chat/completions", headers=p.headers("other"),
+                           json={**CHAT, "fake": {"delay": 0}}, timeout=30)
+        assert other.status_code == 200 and not results  # served while "capped" still waits
+        for t in threads:
+            t.join()
+        assert [status for _, status, _ in results] == [200] * 3
+
+
+def test_a_key_limited_to_some_models_sees_the_rest_as_missing(gw):
+    gw.key("narrow", "--models", "other-model")
+    client = gw.client("narrow")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**CHAT)
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+    assert "does not exist or you do not have access to it" in error["message"]
+    gw.key("wide", "--models", "fake-model,other")
+    assert gw.client("wide").chat.completions.create(**CHAT)
+
+
+def test_a_quota_is_never_overshot_by_concurrent_requests(fake, tmp_path):
+    """Each request reserves its bound (body bytes + max_tokens): of 8 at once, those that
+    fit run, the rest get 429 insufficient_quota, and the settled use stays under the quota."""
+    with gateway(fake.url, tmp_path) as p:
+        p.key("metered", "--quota-tokens", "1200", "--quota-period", "day")
+        body = {**CHAT, "max_tokens": 200, "fake": {"delay": 0.5}}
+        results: list = []
+        threads = [post_in_background(p, "metered", body, results) for _ in range(8)]
+        for t in threads:
+            t.join()
+        statuses = sorted(status for _, status, _ in results)
+        assert 200 in statuses and 429 in statuses
+        refused = next(json.loads(text) for _, status, text in results if status == 429)
+        assert refused["error"]["code"] == "insufficient_quota"
+        wait_for(lambda: usage_row(p, "metered")[0] == statuses.count(200))
+        used = keys_cli(p.db, "show", "metered").stdout
+        spent = sum(usage_row(p, "metered")[1:3])
+        assert spent <= 1200, used
+        late = httpx.post(p.url + "/v1/chat/completions", headers=p.headers("metered"),
+                          json={**body, "max_tokens": 1200})
+        assert late.status_code == 429 and int(late.headers["retry-after"]) >= 1
+
+
+def test_update_takes_effect_without_a_restart_and_keeps_usage(gw):
+    client = gw.client("changing")
+    client.chat.completions.create(**CHAT)
+    wait_for(lambda: usage_row(gw, "changing")[0] == 1)
+    out = keys_cli(gw.db, "update", "changing", "--models", "elsewhere")
+    assert out.returncode == 0, out.stderr
+
+    def refused() -> bool:
+        try:
+            client.chat.completions.create(**CHAT)
+        except openai.NotFoundError:
+            return True
+        return False
+    wait_for(refused)
+    assert usage_row(gw, "changing")[0] >= 1
+    assert keys_cli(gw.db, "update", "changing", "--all-models").returncode == 0
+    wait_for(lambda: not refused())
