@@ -14,8 +14,13 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def vllm(tiny_model, tmp_path_factory):
-    """One real vLLM for these tests, tensor-parallel size 1."""
-    with engine(tiny_model, tmp_path_factory.mktemp("engine")) as e:
+    """One real vLLM for these tests, tensor-parallel size 1.
+
+    It logs each request's start and end (``--enable-log-requests``), so that a test can read
+    from vLLM itself that a request was aborted: this vLLM counts no client abort in /metrics.
+    """
+    with engine(tiny_model, tmp_path_factory.mktemp("engine"),
+                engine_extra_args="--enable-log-requests") as e:
         yield e
 
 

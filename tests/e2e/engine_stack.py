@@ -86,6 +86,15 @@ class Engine:
         assert values, f"{name} not in /metrics"
         return sum(values)
 
+    def aborted(self, response_id: str) -> bool:
+        """Whether vLLM logged that it aborted the request that answered with ``response_id``.
+
+        Needs ``--enable-log-requests``; vLLM names a request by its response's id and the
+        prompt's index (``cmpl-...-0``).
+        """
+        pattern = rf"Request {re.escape(response_id)}(-\d+)? aborted\."
+        return re.search(pattern, self.log.read_text()) is not None
+
     def client(self, **kwargs):
         import openai
 
