@@ -13,6 +13,11 @@ spending credit it banked while away. The unit is a request, not a token: the sc
 admission is a batch slot, and a request's length is unknown until it ends (tokens are bounded
 by the key's TPM limit and quota instead).
 
+Why ``max_num_seqs`` and not an adaptive signal from vLLM's ``/metrics``: when the KV cache
+rather than the batch is what runs out, vLLM pre-empts and recomputes running sequences instead
+of refusing them, so ``num_requests_running`` still never exceeds ``max_num_seqs`` and what
+waits inside vLLM is at most what the gateway let in, in the gateway's fair order.
+
 A key's ``max_concurrent`` caps its requests at the engine; its queue is bounded so that one key
 can never hold all of the gateway's memory guard (``QueueFull``: the caller answers 429).
 """
