@@ -23,10 +23,9 @@ can never hold all of the gateway's memory guard (``QueueFull``: the caller answ
 """
 
 import asyncio
-import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -85,15 +84,9 @@ class FairQueue:
         lane = self.lanes.get(name)
         return len(lane.waiting) if lane else 0
 
-    @contextlib.asynccontextmanager
-    async def slot(self, tenant: Tenant) -> AsyncIterator[None]:
-        """Hold one engine slot for the enclosed work; wait fairly for it if none is free."""
-        lane = self._lane(tenant)
-        await self._acquire(lane)
-        try:
-            yield
-        finally:
-            self._release(lane)
+    def slot(self, tenant: Tenant) -> "Slot":
+        """``async with queue.slot(tenant)``: hold one engine slot, waiting fairly for it."""
+        return Slot(self, self._lane(tenant))
 
     def _lane(self, tenant: Tenant) -> Lane:
         lane = self.lanes.get(tenant.name)
@@ -102,11 +95,15 @@ class FairQueue:
         lane.weight, lane.max_concurrent = tenant.weight, tenant.max_concurrent
         return lane
 
-    async def _acquire(self, lane: Lane) -> None:
+    def _try_admit(self, lane: Lane) -> bool:
+        """Take a free slot at once when nobody of this key is waiting ahead of it."""
         if not lane.waiting and self.running < self.capacity and (
                 lane.max_concurrent is None or lane.running < lane.max_concurrent):
             self._admit(lane)
-            return
+            return True
+        return False
+
+    async def _wait(self, lane: Lane) -> None:
         if len(lane.waiting) >= self.max_queued_per_key:
             raise QueueFull(lane.name)
         loop = asyncio.get_running_loop()
@@ -153,3 +150,19 @@ class FairQueue:
                 continue  # its waiter is leaving and takes no slot
             self._admit(lane)
             granted.set_result(None)
+
+
+class Slot:
+    """One request's hold on an engine slot; a class, not a generator: it is on every request."""
+
+    __slots__ = ("lane", "queue")
+
+    def __init__(self, queue: FairQueue, lane: Lane) -> None:
+        self.queue, self.lane = queue, lane
+
+    async def __aenter__(self) -> None:
+        if not self.queue._try_admit(self.lane):
+            await self.queue._wait(self.lane)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.queue._release(self.lane)

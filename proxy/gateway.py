@@ -10,11 +10,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 from .accesslog import RequestRecord
-from .admission import FairQueue, QueueFull, Tenant
+from .admission import FairQueue, QueueFull, Slot, Tenant
 from .auth import Authenticator, store_error
 from .body import parse_request, usage_requested
 from .errors import ProxyError, engine_unavailable, invalid, model_not_found
@@ -40,6 +39,7 @@ GENERATION_ROUTES = frozenset(
 # vLLM's routes outside /v1 that clients legitimately call.
 EXTRA_ROUTES = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank"})
 log = logging.getLogger("appliance.proxy")
+NO_SLOT = contextlib.nullcontext()
 # Uploads (audio) are multipart; every other POST body is JSON, whatever curl -d labels it.
 NOT_JSON = (b"multipart/", b"application/octet-stream")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -263,6 +263,7 @@ class Gateway:
         try:
             async with cancelled_on_disconnect(ex.receive), asyncio.timeout(total_s), \
                     self.engine_slot(ex):
+                ex.admitted = True
                 response = await self.forwarder.call(ex)
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
@@ -283,6 +284,7 @@ class Gateway:
             async with cancelled_on_disconnect(ex.receive), asyncio.timeout(
                 deadlines.first_token
             ) as deadline, self.engine_slot(ex):
+                ex.admitted = True
                 response = await self.forwarder.open_stream(ex)
                 try:
                     await self.relay(ex, response, deadline, outcome)
@@ -324,16 +326,11 @@ class Gateway:
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    @contextlib.asynccontextmanager
-    async def engine_slot(self, ex: Exchange) -> AsyncIterator[None]:
+    def engine_slot(self, ex: Exchange) -> Slot | contextlib.nullcontext:
         """Generation waits its key's fair turn for an engine slot; other routes go straight."""
-        if ex.path not in GENERATION_ROUTES:
-            ex.admitted = True
-            yield
-            return
-        async with self.queue.slot(ex.tenant):
-            ex.admitted = True
-            yield
+        if ex.path in GENERATION_ROUTES:
+            return self.queue.slot(ex.tenant)
+        return NO_SLOT
 
     async def end_stream(self, ex: Exchange, err: ProxyError) -> None:
         """Headers are gone already: the error travels as the stream's last event."""

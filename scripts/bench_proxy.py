@@ -10,6 +10,7 @@ Non-streaming load comes from wrk (C, not the bottleneck); streams from a raw as
 that only counts events. Prints a table; ``--csv FILE`` also writes the figures.
 
     .venv/bin/python scripts/bench_proxy.py [--duration 10] [--csv results/proxy.csv]
+        [--baseline REF]   # also the gateway as of git REF, in the same run ("proxy@REF")
 """
 
 import argparse
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--stream-rounds", type=int, default=3)
     parser.add_argument("--csv", type=Path)
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also measure the gateway as committed at this git ref")
     parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,6 +199,14 @@ def main() -> None:
         rows.append(measure("direct", engine_port, engine.pid, key, args, workdir))
         rows.append(measure("floor", floor_port, floor.pid, key, args, workdir))
         rows.append(measure("proxy", proxy_port, proxy.pid, key, args, workdir))
+        if args.baseline:
+            source = checkout(args.baseline, workdir)
+            base_port = free_port()
+            base = stack.enter_context(running(
+                [sys.executable, "-m", "proxy.main", "--port", str(base_port)], env=env,
+                cwd=source, ready_url=f"http://127.0.0.1:{base_port}/ready"))
+            rows.append(measure(f"proxy@{args.baseline}", base_port, base.pid, key, args,
+                                workdir))
     direct = rows[0]
     for row in rows:
         row["added_c1_p50_ms"] = row["c1_p50_ms"] - direct["c1_p50_ms"]
@@ -206,6 +217,16 @@ def main() -> None:
           f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
     if args.csv:
         write_csv(args.csv, rows)
+
+
+def checkout(ref: str, workdir: Path) -> Path:
+    """The repository's tree at ``ref``, unpacked beside the run: its own ``proxy`` package."""
+    target = workdir / "baseline"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
 
 
 def percentile(values: list[float], q: float) -> float:
