@@ -120,6 +120,7 @@ class FairQueue:
             elif entry in lane.waiting:
                 lane.waiting.remove(entry)
                 self.observe.depth(lane.name, len(lane.waiting))
+                self._dispatch()  # whoever queued behind it may fit now
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
 
