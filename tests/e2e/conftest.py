@@ -3,7 +3,7 @@ so the rest of the suite does not share the machine's two cores and RAM with an 
 
 import pytest
 
-from tests.e2e.engine_stack import engine, make_tiny_model
+from tests.e2e.engine_stack import MAX_NUM_SEQS, engine, make_tiny_model
 from tests.integration.proxy_stack import gateway
 
 
@@ -14,18 +14,20 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def vllm(tiny_model, tmp_path_factory):
-    """One real vLLM for these tests, tensor-parallel size 1.
+    """One real vLLM for these tests, tensor-parallel size 1, batch ``MAX_NUM_SEQS``.
 
     It logs each request's start and end (``--enable-log-requests``), so that a test can read
     from vLLM itself that a request was aborted: this vLLM counts no client abort in /metrics.
     """
     with engine(tiny_model, tmp_path_factory.mktemp("engine"),
-                engine_extra_args="--enable-log-requests") as e:
+                max_num_seqs=MAX_NUM_SEQS, engine_extra_args="--enable-log-requests") as e:
         yield e
 
 
 @pytest.fixture(scope="package")
 def gw(vllm, tmp_path_factory):
-    """The real proxy in front of it, holding the engine's generated internal key."""
-    with gateway(vllm.url, tmp_path_factory.mktemp("e2e-gw"), engine_api_key=vllm.key) as p:
+    """The real proxy in front of it, holding the engine's generated internal key and, as
+    ``make run`` and the appliance give it, the engine's batch size."""
+    with gateway(vllm.url, tmp_path_factory.mktemp("e2e-gw"), engine_api_key=vllm.key,
+                 max_num_seqs=MAX_NUM_SEQS) as p:
         yield p

@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ ENGINE_VENV = ROOT / os.environ.get("ENGINE_VENV", ".venv-engine")
 ENGINE_BIN = ENGINE_VENV / "bin"
 SERVED_NAME = "tiny"
 MAX_MODEL_LEN = 1024
+# The e2e engine's batch, told to the gateway too: small, so that a few dozen streams fill it.
+MAX_NUM_SEQS = 8
 START_TIMEOUT_S = 300.0
 
 
@@ -86,6 +89,14 @@ class Engine:
         assert values, f"{name} not in /metrics"
         return sum(values)
 
+    def wait_idle(self, timeout: float = 120.0) -> None:
+        """Until vLLM runs and queues nothing: what a cancelled load left has been let go."""
+        deadline = time.monotonic() + timeout
+        while self.metric("vllm:num_requests_running") + self.metric("vllm:num_requests_waiting"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM still holds requests after {timeout:g}s")
+            time.sleep(0.2)
+
     def aborted(self, response_id: str) -> bool:
         """Whether vLLM logged that it aborted the request that answered with ``response_id``.
 
@@ -94,6 +105,11 @@ class Engine:
         """
         pattern = rf"Request {re.escape(response_id)}(-\d+)? aborted\."
         return re.search(pattern, self.log.read_text()) is not None
+
+    def arrivals(self) -> list[str]:
+        """Response ids in the order vLLM took their requests in, which is the order it starts
+        them: it schedules first come, first served. Needs ``--enable-log-requests``."""
+        return re.findall(r"Added request (\S+?)-\d+-[0-9a-f]+\.", self.log.read_text())
 
     def client(self, **kwargs):
         import openai
