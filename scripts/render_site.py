@@ -31,6 +31,7 @@ NGINX_DIR = Path(__file__).resolve().parent.parent / "nginx"
 SITE_TEMPLATE = "appliance.conf"
 MAIN_TEMPLATE = "standalone.conf"
 SNIPPETS = "snippets"
+PLAYGROUND = "playground"
 PARAMS_FILE = "render-params.json"
 
 LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -80,6 +81,8 @@ class SiteParams:
     """Concurrent requests per address (HTTP/2 streams count one each)."""
     workers: str = "auto"
     """Standalone main config only."""
+    playground_dir: str = ""
+    """The playground page's files; empty: the playground/ beside these templates."""
 
 
 def problems(params: SiteParams) -> list[str]:
@@ -110,8 +113,11 @@ def problems(params: SiteParams) -> list[str]:
         found.append("conn_per_ip must be at most 65535")
     if params.short_timeout_s > params.long_timeout_s:
         found.append("short_timeout_s must not exceed long_timeout_s")
-    for name in ("cert", "key", "trusted_ca", "webroot", "access_log", "error_log"):
+    for name in ("cert", "key", "trusted_ca", "webroot", "access_log", "error_log",
+                 "playground_dir"):
         value = getattr(params, name)
+        if name == "playground_dir" and not value:
+            continue
         if not value.startswith("/") or re.search(r"[\s;{}'\"]", value):
             found.append(f"{name} {value!r} must be an absolute path without spaces or quotes")
     return found
@@ -143,6 +149,7 @@ def values(params: SiteParams, out_dir: Path) -> dict[str, str]:
         "BURST": str(params.burst),
         "CONN_PER_IP": str(params.conn_per_ip),
         "WORKERS": params.workers,
+        "PLAYGROUND_DIR": params.playground_dir or str(NGINX_DIR / PLAYGROUND),
         "SNIPPETS_DIR": str(out_dir / SNIPPETS),
         "SITE": str(out_dir / SITE_TEMPLATE),
         "PREFIX": str(out_dir),
