@@ -1,0 +1,197 @@
+"""The playground page in a real browser (Debian's headless Chromium, driven by its
+chromedriver through Selenium) against the real stack on loopback: NGINX with a self-signed
+certificate, the gateway, and vLLM (CPU build, tiny model). Nothing here downloads a browser.
+"""
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from tests.e2e.engine_stack import SERVED_NAME
+from tests.integration.nginx_stack import render, serving
+from tests.servers import ROOT
+
+SCREENSHOT = ROOT / "results" / "playground.png"
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--disable-dev-shm-usage", "--ignore-certificate-errors", "--window-size=1100,900",
+)
+
+# What the page has painted, frame by frame: the reply's length at every animation frame.
+RECORD_PAINTS = """
+window.__paints = [];
+const watch = () => {
+  const replies = document.querySelectorAll('.message.assistant .text');
+  const last = replies[replies.length - 1];
+  window.__paints.push(last ? last.textContent.length : -1);
+  window.__watching = requestAnimationFrame(watch);
+};
+watch();
+"""
+
+
+def program(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/bin:/usr/sbin")
+    assert path, f"{name} is missing: install Debian's chromium and chromium-driver (.ci/run)"
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(gw, tmp_path_factory):
+    site = render(tmp_path_factory.mktemp("playground-site"), gw.url.removeprefix("http://"))
+    with serving(site):
+        yield site
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser online
+    options = webdriver.ChromeOptions()
+    options.binary_location = program("chromium")
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(program("chromedriver")))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, check, timeout: float = 30.0, what: str = "condition"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
+        lambda d: check(d), message=f"{what} not reached in {timeout}s")
+
+
+def by_id(driver, name: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, name)
+
+
+def replies(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".message.assistant .text")]
+
+
+def open_page(driver, site, key: str) -> None:
+    driver.get(site.https + "/playground")
+    driver.execute_script("sessionStorage.clear()")
+    driver.refresh()
+    by_id(driver, "api-key").send_keys(key)
+    by_id(driver, "connect").click()
+
+
+def set_max_tokens(driver, n: int) -> None:
+    field = by_id(driver, "max-tokens")
+    field.clear()
+    field.send_keys(str(n))
+
+
+def send(driver, text: str) -> None:
+    by_id(driver, "prompt").send_keys(text)
+    by_id(driver, "send").click()
+
+
+def idle(driver) -> bool:
+    return by_id(driver, "send").is_enabled() and not by_id(driver, "stop").is_enabled()
+
+
+def error_text(driver) -> str:
+    node = by_id(driver, "error")
+    return node.text if node.is_displayed() else ""
+
+
+def csp_violations(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser")
+            if "Content Security Policy" in entry["message"] or entry["level"] == "SEVERE"]
+
+
+def test_chat_streams_token_by_token_and_stop_aborts_the_engine(browser, site, gw, vllm):
+    key = gw.key("playground")
+    open_page(browser, site, key)
+    wait(browser, lambda d: by_id(d, "model").is_enabled(), what="models loaded")
+    assert by_id(browser, "model").get_attribute("value") == SERVED_NAME
+    assert key not in browser.current_url
+    assert browser.execute_script("return sessionStorage.getItem('appliance-playground-key')") \
+        == key
+
+    set_max_tokens(browser, 200)
+    browser.execute_script(RECORD_PAINTS)
+    send(browser, "Hello! Tell me a long story.")
+    wait(browser, lambda d: replies(d) and idle(d), 120, "generation finished")
+    paints = browser.execute_script(
+        "cancelAnimationFrame(window.__watching); return window.__paints")
+    final = len(replies(browser)[-1])
+    partial = {n for n in paints if 0 < n < final}
+    assert final > 0 and partial, f"the reply arrived in one paint: {sorted(set(paints))}"
+    assert by_id(browser, "ttft").text.endswith(" ms")
+    tokens = by_id(browser, "tokens").text
+    prompt, completion, total = map(int, re.fullmatch(
+        r"(\d+) prompt \+ (\d+) completion = (\d+)", tokens).groups())
+    assert prompt > 0 and 0 < completion <= 200 and prompt + completion == total
+    assert error_text(browser) == ""
+    browser.save_screenshot(str(SCREENSHOT))
+
+    aborts_before = gw_metric(gw, 'appliance_upstream_aborts_total{reason="client_disconnected"}')
+    set_max_tokens(browser, 900)
+    send(browser, "Another one, please, as long as you can.")
+    wait(browser, lambda d: len(replies(d)[-1]) > 0 and not idle(d), 60, "first tokens")
+    by_id(browser, "stop").click()
+    wait(browser, idle, 10, "stopped")
+    assert "stopped" in browser.find_elements("css selector", ".message.assistant")[-1] \
+        .get_attribute("class")
+    stopped_at = len(replies(browser)[-1])
+    time.sleep(0.5)
+    assert len(replies(browser)[-1]) == stopped_at
+    wait(browser, lambda d: gw_metric(gw, 'appliance_upstream_aborts_total'
+                                          '{reason="client_disconnected"}') > aborts_before,
+         10, "the gateway aborting the engine request")
+    wait(browser, lambda d: vllm.metric("vllm:num_requests_running") == 0, 10,
+         "the engine dropping the request")
+    assert not csp_violations(browser)
+
+
+def test_a_bad_key_shows_the_openai_error(browser, site):
+    open_page(browser, site, "sk-not-a-real-key")
+    wait(browser, lambda d: error_text(d), 10, "an error")
+    assert error_text(browser).startswith("401: ")
+    assert "Check the key." in error_text(browser)
+    assert not by_id(browser, "model").is_enabled()
+
+
+def test_a_rate_limited_key_shows_the_retry_time(browser, site, gw):
+    open_page(browser, site, gw.key("playground-rpm-1", "--rpm", "1"))
+    wait(browser, lambda d: by_id(d, "model").is_enabled(), what="models loaded")
+    send(browser, "Hi")
+    wait(browser, lambda d: error_text(d), 10, "an error")
+    text = error_text(browser)
+    assert text.startswith("429: ") and "Retry in " in text, text
+    assert replies(browser) == []
+
+
+def test_the_key_never_reaches_a_log(site, gw):
+    key = gw.key("playground")
+    logs = [site.access_log, site.error_log, gw.log]
+    assert all(key not in path.read_text(errors="ignore") for path in logs if path.exists())
+
+
+def gw_metric(gw, series: str) -> float:
+    import httpx
+
+    for line in httpx.get(gw.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
