@@ -82,6 +82,18 @@ variable "hf_token" {
   description = "Hugging Face token for a gated model being pre-baked; never stored in the image."
 }
 
+variable "prometheus" {
+  type        = bool
+  default     = false
+  description = "Install Prometheus and the blackbox exporter on loopback with the appliance's scrape configuration and alerts (observability/prometheus)."
+}
+
+variable "cloudwatch" {
+  type        = bool
+  default     = false
+  description = "Install the CloudWatch agent: the units' journal and NGINX's access log to CloudWatch Logs, the metrics endpoints to CloudWatch metrics (observability/cloudwatch)."
+}
+
 locals {
   timestamp = regex_replace(timestamp(), "[- TZ:]", "")
 
@@ -99,7 +111,7 @@ locals {
   base = local.base_images[var.base_image]
 
   # What the image needs from this checkout; virtualenvs, caches and .run/ stay behind.
-  source_paths = ["pyproject.toml", "README.md", "proxy", "server", "nginx", "systemd", "ami", "scripts"]
+  source_paths = ["pyproject.toml", "README.md", "proxy", "server", "nginx", "systemd", "ami", "scripts", "observability"]
 }
 
 source "amazon-ebs" "appliance" {
@@ -186,6 +198,9 @@ build {
       "VLLM_VERSION=${var.vllm_version}",
       "PREBAKE_MODEL=${var.model}",
       "HF_TOKEN=${var.hf_token}",
+      "PROMETHEUS=${var.prometheus}",
+      "CLOUDWATCH=${var.cloudwatch}",
+      "AWS_REGION_NAME=${var.region}",
       "DEBIAN_FRONTEND=noninteractive",
     ]
     scripts = [
@@ -193,6 +208,7 @@ build {
       "${path.root}/ami/40-app.sh",
       "${path.root}/ami/50-site.sh",
       "${path.root}/ami/60-units.sh",
+      "${path.root}/ami/65-observability.sh",
       "${path.root}/ami/70-logs.sh",
       "${path.root}/ami/80-firewall.sh",
       "${path.root}/ami/85-model.sh",

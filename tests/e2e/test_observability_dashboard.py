@@ -188,3 +188,14 @@ def test_the_certificate_alert_sees_the_served_certificate(prometheus):
     rule = next(r for r in alerts() if r["alert"] == "ApplianceCertificateExpiresSoon")
     assert prometheus.query(rule["expr"]) == []
 
+
+
+def test_every_metric_cloudwatch_ships_is_scraped(prometheus):
+    agent = json.loads((ROOT / "observability" / "cloudwatch" / "amazon-cloudwatch-agent.json")
+                       .read_text())
+    names = prometheus.metric_names()
+    emf = agent["logs"]["metrics_collected"]["prometheus"]["emf_processor"]
+    for declaration in emf["metric_declaration"]:
+        for selector in declaration["metric_selectors"]:
+            assert any(re.search(selector, name) for name in names), selector
+    assert set(emf["metric_unit"]) <= names

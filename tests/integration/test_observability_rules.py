@@ -105,3 +105,9 @@ def test_prometheus_history_is_bounded():
     args = (BUNDLE / "prometheus.default").read_text()
     assert re.search(r"--storage\.tsdb\.retention\.time=\d+d", args)
     assert re.search(r"--storage\.tsdb\.retention\.size=\d+GB", args)
+
+
+def test_cloudwatch_agents_scrape_configuration_passes_promtool():
+    done = run(tool("promtool"), "check", "config", "appliance-prometheus.yaml",
+               cwd=ROOT / "observability" / "cloudwatch")
+    assert done.returncode == 0, done.stdout + done.stderr
