@@ -16,6 +16,7 @@ import yaml
 
 from tests.e2e.engine_stack import SERVED_NAME
 from tests.integration.nginx_stack import render, serving
+from tests.integration.proxy_stack import gateway
 from tests.integration.test_observability_rules import BUNDLE, RULES, alerts, tool
 from tests.servers import ROOT, free_port, running
 
@@ -90,13 +91,21 @@ def traffic(gw) -> None:
         else:
             client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=8)
 
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(chat, range(16)))
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(chat, range(18)))
     gw.key("grafana-limited-key", "--rpm", "1")
     limited = gw.client("grafana-limited-key")
     limited.completions.create(model=SERVED_NAME, prompt="hello", max_tokens=4)
     with pytest.raises(openai.RateLimitError):
         limited.completions.create(model=SERVED_NAME, prompt="hello", max_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def gw(vllm, tmp_path_factory):
+    """A gateway of this module's own, with two engine slots, so the traffic queues in it."""
+    with gateway(vllm.url, tmp_path_factory.mktemp("dashboard-gw"), engine_api_key=vllm.key,
+                 engine_concurrency=2) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
