@@ -106,6 +106,8 @@ class Appliance:
                 await self.api(scope, receive, send_with_id)
         finally:
             duration = time.monotonic() - record.started
+            if path in GENERATION_ROUTES and 200 <= record.status < 300:
+                self.metrics.last_generation.set_to_current_time()
             route = path if path in KNOWN_ROUTES else "other"
             self.metrics.requests.labels(route, str(record.status), record.key).inc()
             self.metrics.latency.labels(route).observe(duration)

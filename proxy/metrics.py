@@ -57,6 +57,11 @@ class Metrics:
         self.usage_write_failures = Counter("appliance_usage_write_failures_total",
                                             "Usage flushes the key store refused (kept in memory).",
                                             registry=r)
+        self.last_generation = Gauge("appliance_last_generation_timestamp_seconds",
+                                     "When the last generation request was answered with"
+                                     " success (the gateway's start until then): idle stop"
+                                     " reads it.", registry=r)
+        self.last_generation.set_to_current_time()
         self.usage_unsaved = Gauge("appliance_usage_unsaved_requests",
                                    "Requests whose usage is not yet written to the key store.",
                                    registry=r)

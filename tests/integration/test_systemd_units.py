@@ -20,6 +20,7 @@ SERVICES = sorted(UNITS.glob("*.service"))
 IMAGE_COMMANDS = {
     "/usr/local/lib/appliance/venv/bin/appliance-engine",
     "/usr/local/lib/appliance/venv/bin/appliance-proxy",
+    "/usr/local/lib/appliance/venv/bin/appliance-idle-stop",
     "/usr/local/sbin/appliance-firstboot",
 }
 MISSING_COMMAND = re.compile(r"^[\w.@-]+: Command (\S+) is not executable: No such file")
@@ -97,7 +98,7 @@ def test_missing_commands_are_the_ones_the_image_installs():
     assert "/usr/local/sbin/appliance-firstboot" in installer
     assert 'venv="$prefix/venv"' in installer and "prefix=/usr/local/lib/appliance" in installer
     scripts = (ROOT / "pyproject.toml").read_text()
-    for command in ("appliance-engine", "appliance-proxy"):
+    for command in ("appliance-engine", "appliance-proxy", "appliance-idle-stop"):
         assert f"{command} =" in scripts
 
 
@@ -163,6 +164,18 @@ def test_lets_encrypt_waits_for_nginx():
     assert d["Unit.ConditionPathExists"] == ["!/var/lib/appliance/firstboot-tls.done"]
 
 
+def test_idle_check_runs_every_minute_and_the_image_enables_it():
+    timer = directives(UNITS / "appliance-idle-stop.timer")
+    assert timer["Timer.OnUnitActiveSec"] == ["1min"]
+    assert timer["Install.WantedBy"] == ["timers.target"]
+    assert verify_findings(UNITS / "appliance-idle-stop.timer") == []
+    service = directives(UNITS / "appliance-idle-stop.service")
+    assert service["Service.Type"] == ["oneshot"]
+    assert service["Service.IPAddressAllow"] == ["localhost"]
+    units = (ROOT / "ami" / "60-units.sh").read_text()
+    assert "appliance-idle-stop.timer" in units
+
+
 def test_exposure_scores():
     """The proxy is the part that faces traffic: 4.0 or lower ("OK") is the target."""
     scores = {p.name: exposure(p) for p in SERVICES}
@@ -171,3 +184,4 @@ def test_exposure_scores():
     assert scores["appliance-engine.service"] <= 4.0
     assert scores["appliance-firstboot.service"] <= 5.0
     assert scores["appliance-firstboot-tls.service"] <= 5.0
+    assert scores["appliance-idle-stop.service"] <= 4.0
