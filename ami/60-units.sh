@@ -13,4 +13,4 @@ install -m 0644 "$src/systemd/nginx.service.d/appliance.conf" \
 systemctl daemon-reload
 systemctl enable appliance-firstboot.service appliance-firstboot-tls.service \
     appliance-engine.service appliance-proxy.service nginx.service certbot.timer \
-    appliance-idle-stop.timer
+    appliance-idle-stop.timer appliance-spot-watch.service

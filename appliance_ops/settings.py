@@ -1,4 +1,4 @@
-"""Every knob of the appliance's operations programs (idle stop), read from
+"""Every knob of the appliance's operations programs (idle stop, spot watch), read from
 ``APPLIANCE_*`` environment variables like the gateway's and the engine's.
 
 The host's units load ``/etc/appliance/appliance.env`` (root only) with ``EnvironmentFile``;
@@ -33,6 +33,11 @@ class OpsSettings(BaseSettings):
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
     """The gateway, as ``appliance-proxy`` reads the same two variables."""
+
+    imds_url: str = "http://169.254.169.254"
+    """EC2's instance metadata service (IMDSv2)."""
+    spot_poll_interval_s: float = Field(5.0, gt=0)
+    """How often the spot watch asks for an interruption notice (AWS suggests every 5 s)."""
 
     log_level: str = "info"
 

@@ -20,6 +20,7 @@ from . import accesslog
 from .accesslog import RequestRecord
 from .admission import FairQueue
 from .auth import Authenticator
+from .drain import Drain
 from .errors import ProxyError
 from .forward import Forwarder
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
@@ -32,7 +33,7 @@ from .settings import ProxySettings
 
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
+OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/drain", "/docs", "/openapi.json"})
 KNOWN_ROUTES = OPS_ROUTES | GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize"}
 
 
@@ -78,10 +79,11 @@ def error_response(err: ProxyError) -> JSONResponse:
 class Appliance:
     """The outermost ASGI app: every request gets an id, a metric and one access-log line."""
 
-    def __init__(self, api: FastAPI, gateway: Gateway, metrics: Metrics) -> None:
+    def __init__(self, api: FastAPI, gateway: Gateway, metrics: Metrics, drain: Drain) -> None:
         self.api = api
         self.gateway = gateway
         self.metrics = metrics
+        self.drain = drain
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -100,7 +102,11 @@ class Appliance:
             await send(message)
 
         try:
-            if forwarded(path):
+            if path in GENERATION_ROUTES and self.drain.active:
+                err = self.drain.refusal()
+                record.error = err.code
+                await error_response(err)(scope, receive, send_with_id)
+            elif forwarded(path):
                 await self.gateway(scope, receive, send_with_id)
             else:
                 await self.api(scope, receive, send_with_id)
@@ -127,6 +133,7 @@ def create_app(settings: ProxySettings) -> Appliance:
     metrics.engine_slots.set(settings.engine_concurrency)
     quota = QuotaBook(auth.period_usage)
     gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics, queue, quota)
+    drain = Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -160,9 +167,20 @@ def create_app(settings: ProxySettings) -> Appliance:
         """The proxy is alive (says nothing about the engine)."""
         return {"status": "ok"}
 
+    def local_only(request: Request, what: str) -> JSONResponse | None:
+        """Loopback clients only (NGINX passes the real client address, and routes neither)."""
+        real = request.headers.get("x-real-ip")
+        client = request.client.host if request.client else None
+        if not is_loopback(client) or (real is not None and not is_loopback(real)):
+            return error_response(ProxyError(403, f"{what} loopback only.", "forbidden"))
+        return None
+
     @api.get("/ready", responses={503: error})
     async def ready() -> JSONResponse:
-        """Ready when the engine's own /health answers 200."""
+        """Ready when the engine's own /health answers 200 and the gateway is not draining."""
+        if drain.active:
+            return error_response(ProxyError(503, f"Not ready: draining ({drain.reason}).",
+                                             "draining", headers={"Retry-After": "30"}))
         ok, why = await forwarder.engine_health()
         if ok:
             return JSONResponse({"status": "ready"})
@@ -171,12 +189,26 @@ def create_app(settings: ProxySettings) -> Appliance:
 
     @api.get("/metrics", response_class=PlainTextResponse, responses={403: error})
     async def prometheus(request: Request) -> PlainTextResponse:
-        """Prometheus metrics, to loopback clients only (NGINX passes the real client address)."""
-        real = request.headers.get("x-real-ip")
-        client = request.client.host if request.client else None
-        if not is_loopback(client) or (real is not None and not is_loopback(real)):
-            return error_response(ProxyError(403, "Metrics are served to loopback only.",
-                                             "forbidden"))
+        """Prometheus metrics, to loopback clients only."""
+        refused = local_only(request, "Metrics are served to")
+        if refused is not None:
+            return refused
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    return Appliance(api, gateway, metrics)
+    # Kept out of the OpenAPI description: a local control for appliance-spot-watch, not API.
+    @api.post("/drain", include_in_schema=False)
+    async def start_draining(request: Request) -> JSONResponse:
+        """Take no new generation requests, let those in flight finish (appliance-spot-watch
+        calls it on a spot interruption notice). Loopback only; only a restart undoes it."""
+        refused = local_only(request, "Draining is for")
+        if refused is not None:
+            return refused
+        try:
+            reason = str((await request.json()).get("reason") or "asked to drain")[:200]
+        except (ValueError, AttributeError):
+            reason = "asked to drain"
+        drain.begin(reason)
+        metrics.draining.set(1)
+        return JSONResponse({"status": "draining", "reason": drain.reason, "since": drain.since})
+
+    return Appliance(api, gateway, metrics, drain)

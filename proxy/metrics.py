@@ -62,6 +62,9 @@ class Metrics:
                                      " success (the gateway's start until then): idle stop"
                                      " reads it.", registry=r)
         self.last_generation.set_to_current_time()
+        self.draining = Gauge("appliance_draining",
+                              "1 while the gateway drains for a shutdown (spot interruption).",
+                              registry=r)
         self.usage_unsaved = Gauge("appliance_usage_unsaved_requests",
                                    "Requests whose usage is not yet written to the key store.",
                                    registry=r)

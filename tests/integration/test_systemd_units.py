@@ -21,6 +21,7 @@ IMAGE_COMMANDS = {
     "/usr/local/lib/appliance/venv/bin/appliance-engine",
     "/usr/local/lib/appliance/venv/bin/appliance-proxy",
     "/usr/local/lib/appliance/venv/bin/appliance-idle-stop",
+    "/usr/local/lib/appliance/venv/bin/appliance-spot-watch",
     "/usr/local/sbin/appliance-firstboot",
 }
 MISSING_COMMAND = re.compile(r"^[\w.@-]+: Command (\S+) is not executable: No such file")
@@ -98,7 +99,8 @@ def test_missing_commands_are_the_ones_the_image_installs():
     assert "/usr/local/sbin/appliance-firstboot" in installer
     assert 'venv="$prefix/venv"' in installer and "prefix=/usr/local/lib/appliance" in installer
     scripts = (ROOT / "pyproject.toml").read_text()
-    for command in ("appliance-engine", "appliance-proxy", "appliance-idle-stop"):
+    for command in ("appliance-engine", "appliance-proxy", "appliance-idle-stop",
+                    "appliance-spot-watch"):
         assert f"{command} =" in scripts
 
 
@@ -173,7 +175,14 @@ def test_idle_check_runs_every_minute_and_the_image_enables_it():
     assert service["Service.Type"] == ["oneshot"]
     assert service["Service.IPAddressAllow"] == ["localhost"]
     units = (ROOT / "ami" / "60-units.sh").read_text()
-    assert "appliance-idle-stop.timer" in units
+    assert "appliance-idle-stop.timer" in units and "appliance-spot-watch.service" in units
+
+
+def test_spot_watch_reaches_only_the_metadata_service_and_loopback():
+    d = directives(UNITS / "appliance-spot-watch.service")
+    assert d["Service.User"] == ["appliance"]
+    assert d["Service.IPAddressAllow"] == ["localhost 169.254.169.254"]
+    assert d["Service.Restart"] == ["always"]
 
 
 def test_exposure_scores():
@@ -185,3 +194,4 @@ def test_exposure_scores():
     assert scores["appliance-firstboot.service"] <= 5.0
     assert scores["appliance-firstboot-tls.service"] <= 5.0
     assert scores["appliance-idle-stop.service"] <= 4.0
+    assert scores["appliance-spot-watch.service"] <= 4.0
