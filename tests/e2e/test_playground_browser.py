@@ -12,6 +12,8 @@ import pytest
 
 from tests.e2e.engine_stack import SERVED_NAME
 from tests.integration.nginx_stack import render, serving
+from tests.integration.proxy_stack import engine as fake_engine_stack
+from tests.integration.proxy_stack import gateway
 from tests.servers import ROOT
 
 SCREENSHOT = ROOT / "results" / "playground.png"
@@ -195,3 +197,18 @@ def gw_metric(gw, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_a_loading_engine_shows_the_503_and_its_retry_time(browser, tmp_path):
+    """An engine still loading its model (the fake one, told so) behind a real gateway and
+    NGINX: the page says so instead of failing silently."""
+    with (
+        fake_engine_stack("--ready-after", "600") as engine,
+        gateway(engine.url, tmp_path) as loading_gw,
+    ):
+        site = render(tmp_path / "site", loading_gw.url.removeprefix("http://"))
+        with serving(site):
+            open_page(browser, site, loading_gw.key("playground"))
+            wait(browser, lambda d: error_text(d), 10, "an error")
+    text = error_text(browser)
+    assert text.startswith("503: ") and "Retry in 5 s." in text, text
