@@ -12,7 +12,8 @@ for unit in /etc/systemd/system/appliance-*.service; do
     fi
 done
 "$venv/bin/python" -c 'import vllm, proxy, server; print("vllm", vllm.__version__)'
-for cmd in appliance-proxy appliance-engine appliance-keys; do
+for cmd in appliance-proxy appliance-engine appliance-keys appliance-idle-stop \
+    appliance-spot-watch; do
     test -x "$venv/bin/$cmd"
 done
 for cmd in appliance-firstboot appliance-status appliance-smoke-test appliance-keys \
