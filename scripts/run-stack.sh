@@ -220,6 +220,7 @@ up() {
 
 The appliance is ready: NGINX ${base} -> gateway 127.0.0.1:${proxy_port} -> vLLM 127.0.0.1:${engine_port}
 Model: ${served}    Demo key: ${run_dir}/demo-key
+Playground: ${base}/playground (paste the demo key)
 
   curl ${base}/v1/chat/completions --cacert ${cert} \\
     -H "Authorization: Bearer \$(cat ${run_dir}/demo-key)" -H 'Content-Type: application/json' \\

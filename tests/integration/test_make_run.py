@@ -103,6 +103,13 @@ def test_make_run_serves_through_nginx_and_stops(tmp_path):
             with pytest.raises(openai.AuthenticationError):
                 intruder.models.list()
 
+        # The playground page, where the banner says.
+        page = re.search(r"^Playground: (\S+) ", banner, re.M).group(1)
+        assert page == f"https://127.0.0.1:{ports['HTTPS']}/playground"
+        with httpx.Client(verify=trust) as http:
+            answer = http.get(page)
+        assert answer.status_code == 200 and "/playground/playground.js" in answer.text
+
         # The operator's tools against the same stack.
         smoke = subprocess.run(
             [
