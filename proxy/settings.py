@@ -36,6 +36,10 @@ class ProxySettings(BaseSettings):
 
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
+    proxy_keepalive_s: PositiveFloat = 75.0
+    """How long an idle client connection is kept open. Above NGINX's upstream
+    ``keepalive_timeout`` (60 s): the server must be the side that keeps idle connections
+    longest, or a client may send into a connection the gateway is closing."""
 
     timeout_base_s: PositiveFloat = 30.0
     """Non-streaming deadline: this much for queueing and prefill ..."""
