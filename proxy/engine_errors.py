@@ -11,7 +11,7 @@ import json
 import re
 from http import HTTPStatus
 
-from .errors import error_payload, error_type
+from .errors import ProxyError
 
 VALIDATION_ENTRY = re.compile(r"'type': '(?P<type>[^']*)', 'loc': '(?P<loc>[^']*)', "
                               r"'msg': '(?P<msg>[^']*)'")
@@ -28,16 +28,16 @@ CODE_BY_STATUS = {401: "invalid_api_key", 403: "forbidden", 404: "not_found",
                   429: "rate_limit_exceeded", 503: "engine_unavailable", 504: "timeout"}
 
 
-def engine_error(status: int, content: bytes, method: str, path: str) -> tuple[int, bytes]:
-    """The status and body the client gets for the engine's error answer."""
+def engine_error(status: int, content: bytes, method: str, path: str) -> ProxyError:
+    """The error the client gets for the engine's error answer."""
     message, param, code = read_engine_error(content)
     if status in (401, 403):
         # The engine refused the gateway's own internal key: the client's key is not at fault.
-        return 502, _encode(502, "The engine refused the gateway's credentials.", None,
-                            "engine_auth_failed")
+        return ProxyError(502, "The engine refused the gateway's credentials.",
+                          "engine_auth_failed")
     if status == 404 and message in ("Not Found", ""):
-        return 404, _encode(404, f"Invalid URL ({method} {path}): the engine serves no such "
-                            "route for this model.", None, "not_found")
+        return ProxyError(404, f"Invalid URL ({method} {path}): the engine serves no such "
+                          "route for this model.", "not_found")
     validation = VALIDATION_ENTRY.search(message)
     if validation is not None:
         param = _field(validation["loc"])
@@ -46,18 +46,18 @@ def engine_error(status: int, content: bytes, method: str, path: str) -> tuple[i
     elif CONTEXT_TOO_LONG.search(message):
         param, code = INPUT_FIELD.get(path, param), "context_length_exceeded"
     elif status == 404 and MODEL_MISSING.search(message):
-        param, code = "model", "model_not_found"
+        # OpenAI's own words for it: a 404 of type invalid_request_error.
+        return ProxyError(404, message, "model_not_found", "model", kind="invalid_request_error")
     else:
         suffix = PARAMETER_SUFFIX.search(message)
         if param is None and suffix is not None:
             param = suffix["param"]
         if code is None:
-            code = CODE_BY_STATUS.get(status, "invalid_value" if param else None)
-            if code is None:
-                code = "internal_error" if status >= 500 else "invalid_request"
+            code = CODE_BY_STATUS.get(status) or ("invalid_value" if param else None)
+            code = code or ("internal_error" if status >= 500 else "invalid_request")
     if not message:
         message = _phrase(status)
-    return status, _encode(status, message, param and _field(param), code)
+    return ProxyError(status, message, code, param and _field(param))
 
 
 def read_engine_error(content: bytes) -> tuple[str, str | None, str | None]:
@@ -107,6 +107,3 @@ def _phrase(status: int) -> str:
     except ValueError:
         return f"The engine answered {status}."
 
-
-def _encode(status: int, message: str, param: str | None, code: str | None) -> bytes:
-    return json.dumps(error_payload(message, error_type(status), param, code)).encode()

@@ -16,6 +16,7 @@ from .accesslog import RequestRecord
 from .admission import FairQueue, QueueFull, Slot, Tenant
 from .auth import Authenticator, store_error
 from .body import parse_request, usage_requested
+from .engine_errors import engine_error
 from .errors import ProxyError, engine_unavailable, invalid, model_not_found
 from .exchange import Exchange
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
@@ -23,6 +24,7 @@ from .keys import Key, StoreUnavailable
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
+from .models import engine_route, is_models_route, models_answer
 from .quota import QuotaBook, QuotaExceeded, Reservation, reservation_for, retry_after_text
 from .settings import ProxySettings
 from .timeouts import deadlines_for
@@ -44,6 +46,7 @@ NO_SLOT = contextlib.nullcontext()
 NOT_JSON = (b"multipart/", b"application/octet-stream")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def forwarded(path: str) -> bool:
@@ -194,7 +197,7 @@ class Gateway:
             raise engine_unavailable("The gateway is at capacity; retry shortly.")
 
         tenant = Tenant(key.name, key.weight, key.max_concurrent)
-        ex = Exchange(tenant, method, path, scope.get("query_string", b""),
+        ex = Exchange(tenant, method, engine_route(path), scope.get("query_string", b""),
                       upstream_headers(scope["headers"], record.request_id,
                                        self.forwarder.engine_key, json_body=body is not None),
                       raw, deadlines_for(body, path in GENERATION_ROUTES, self.settings),
@@ -272,6 +275,12 @@ class Gateway:
         except ClientGone:
             self.metrics.upstream_aborts.labels("client_disconnected").inc()
             raise
+        if response.status_code >= 400:
+            raise self.engine_error(ex, response)
+        if is_models_route(ex.record.route):
+            await ex.answer(200, JSON_HEADERS,
+                            models_answer(ex.record.route, response.content, ex.allowed_models))
+            return
         if response.status_code == 200:
             note_usage(ex.record, from_json_body(response.content))
         await ex.answer(response.status_code, client_headers(response.headers), response.content)
@@ -310,6 +319,9 @@ class Gateway:
     async def relay(self, ex: Exchange, response, deadline: asyncio.Timeout,
                     outcome: StreamOutcome) -> None:
         """Relay the engine's answer to the client: its error as it is, else event by event."""
+        if response.status_code >= 400:
+            await response.aread()
+            raise self.engine_error(ex, response)
         if response.status_code != 200:
             await response.aread()
             await ex.answer(response.status_code, client_headers(response.headers),
@@ -325,6 +337,14 @@ class Gateway:
             await self.end_stream(ex, outcome.error)
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    def engine_error(ex: Exchange, response) -> ProxyError:
+        """The engine's error in OpenAI's shape; the engine's own words go to the log."""
+        log.info("engine answered %d on %s (request %s): %s", response.status_code,
+                 ex.record.route, ex.record.request_id, response.content[:2000])
+        return engine_error(response.status_code, response.content, ex.record.method,
+                            ex.record.route)
 
     def engine_slot(self, ex: Exchange) -> Slot | contextlib.nullcontext:
         """Generation waits its key's fair turn for an engine slot; other routes go straight."""

@@ -5,11 +5,23 @@ path leaves the box. vLLM has no ``/v1/models/{id}``; OpenAI has, so it is answe
 list. ``allowed`` narrows the list to the models a key may use (None: all of them).
 """
 
+import json
 from collections.abc import Collection
 
-from .errors import ProxyError
+from .errors import model_not_found
 
 HIDDEN_FIELDS = ("root",)
+LIST_ROUTE = "/v1/models"
+ONE_PREFIX = "/v1/models/"
+
+
+def is_models_route(path: str) -> bool:
+    return path == LIST_ROUTE or path.startswith(ONE_PREFIX)
+
+
+def engine_route(path: str) -> str:
+    """The engine has only the list: ``/v1/models/{id}`` is answered from it."""
+    return LIST_ROUTE if is_models_route(path) else path
 
 
 def public_model(model: dict) -> dict:
@@ -30,14 +42,20 @@ def public_models(payload: object, allowed: Collection[str] | None = None) -> di
     return {"object": "list", "data": [public_model(m) for m in models]}
 
 
-def model_not_found(model_id: str) -> ProxyError:
-    return ProxyError(404, f"The model '{model_id}' does not exist or you do not have "
-                      "access to it.", "model_not_found", "model")
-
-
 def one_model(payload: object, model_id: str, allowed: Collection[str] | None = None) -> dict:
     """``GET /v1/models/{id}``: the model's object, or OpenAI's 404 ``model_not_found``."""
     for model in public_models(payload, allowed)["data"]:
         if model["id"] == model_id:
             return model
     raise model_not_found(model_id)
+
+
+def models_answer(path: str, content: bytes, allowed: Collection[str] | None = None) -> bytes:
+    """The client's answer for a models route, from the engine's list (``content``)."""
+    try:
+        payload = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if path == LIST_ROUTE:
+        return json.dumps(public_models(payload, allowed)).encode()
+    return json.dumps(one_model(payload, path.removeprefix(ONE_PREFIX), allowed)).encode()

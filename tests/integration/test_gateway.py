@@ -106,11 +106,44 @@ def test_request_id_is_generated_and_returned_on_errors_too(gw):
     assert len(ids) == 3 and all(len(i) == 32 for i in ids)
 
 
-def test_engine_errors_pass_through_as_given(gw):
-    response = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
-                          json={**CHAT, "fake": {"status": 400}})
-    assert response.status_code == 400
-    assert error_of(response)["message"] == "injected failure"
+def test_engine_errors_keep_their_message_in_openai_vocabulary(gw):
+    for status, kind in ((400, "invalid_request_error"), (500, "server_error"),
+                         (503, "server_error")):
+        response = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
+                              json={**CHAT, "fake": {"status": status}})
+        assert response.status_code == status
+        error = error_of(response)
+        assert error["message"] == "injected failure"
+        assert error["type"] == kind and isinstance(error["code"], str)
+    streamed = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
+                          json={**CHAT, "stream": True, "fake": {"status": 400}})
+    assert streamed.status_code == 400
+    assert streamed.headers["content-type"] == "application/json"
+    assert error_of(streamed)["type"] == "invalid_request_error"
+    assert "injected failure" in gw.log.read_text()
+
+
+def test_engine_404_names_the_route_like_openai(gw):
+    response = httpx.post(gw.url + "/v1/rerank", headers=gw.headers(), json={"model": "m"})
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["type"] == "not_found_error" and error["code"] == "not_found"
+
+
+def test_model_list_and_one_model_without_server_paths(gw):
+    listed = httpx.get(gw.url + "/v1/models", headers=gw.headers())
+    assert listed.status_code == 200 and "/srv/" not in listed.text
+    [model] = listed.json()["data"]
+    one = httpx.get(gw.url + f"/v1/models/{model['id']}", headers=gw.headers())
+    assert one.status_code == 200 and one.json() == model
+    missing = httpx.get(gw.url + "/v1/models/gpt-4o", headers=gw.headers())
+    assert missing.status_code == 404
+    error = error_of(missing)
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model",
+                                                              "invalid_request_error")
+    with pytest.raises(openai.NotFoundError):
+        gw.client().models.retrieve("gpt-4o")
+    assert gw.client().models.retrieve(model["id"]).id == model["id"]
 
 
 # Keys
@@ -293,3 +326,11 @@ def test_access_log_is_json_per_request_without_secrets(gw):
     log_text = gw.log.read_text()
     for secret in [*gw.keys.values(), ENGINE_KEY]:
         assert secret not in log_text
+
+
+def test_a_key_limited_to_other_models_sees_none_of_the_engines(gw):
+    headers = {"Authorization": f"Bearer {gw.key('other-models', '--models', 'other-model')}"}
+    listed = httpx.get(gw.url + "/v1/models", headers=headers)
+    assert listed.status_code == 200 and listed.json() == {"object": "list", "data": []}
+    one = httpx.get(gw.url + "/v1/models/fake-model", headers=headers)
+    assert one.status_code == 404 and error_of(one)["code"] == "model_not_found"

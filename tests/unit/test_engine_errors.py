@@ -35,8 +35,8 @@ FASTAPI_404 = b'{"detail":"Not Found"}'
 
 
 def normalised(status, content, method="POST", path="/v1/chat/completions"):
-    new_status, body = engine_error(status, content, method, path)
-    error = json.loads(body)["error"]
+    err = engine_error(status, content, method, path)
+    new_status, error = err.status, json.loads(err.body())["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] in OPENAI_TYPES
     assert error["code"] is None or isinstance(error["code"], str)
@@ -50,7 +50,8 @@ def normalised(status, content, method="POST", path="/v1/chat/completions"):
          "context_length_exceeded", "messages"),
         (400, CONTEXT, "/v1/completions", "invalid_request_error",
          "context_length_exceeded", "prompt"),
-        (404, NO_MODEL, "/v1/chat/completions", "not_found_error", "model_not_found", "model"),
+        (404, NO_MODEL, "/v1/chat/completions", "invalid_request_error", "model_not_found",
+         "model"),
         (400, RESPONSES_VALIDATION, "/v1/responses", "invalid_request_error", "invalid_type",
          "max_output_tokens"),
         (400, MISSING_FIELD, "/v1/chat/completions", "invalid_request_error",

@@ -1,9 +1,11 @@
 """proxy/models.py: the public model list, one model's object, and the per-key filter."""
 
+import json
+
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.models import one_model, public_models
+from proxy.models import engine_route, models_answer, one_model, public_models
 
 # vLLM 0.32's /v1/models, as served for the tiny model.
 ENGINE_LIST = {
@@ -47,10 +49,21 @@ def test_unknown_or_not_allowed_model_is_404_model_not_found(model_id, allowed):
         one_model(ENGINE_LIST, model_id, allowed)
     error = caught.value.payload()["error"]
     assert caught.value.status == 404
-    assert (error["type"], error["code"], error["param"]) == ("not_found_error",
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error",
                                                               "model_not_found", "model")
 
 
 def test_odd_engine_answers_give_an_empty_list():
     for payload in (None, [], {"data": None}, {"data": [1, {"no": "id"}]}):
         assert public_models(payload) == {"object": "list", "data": []}
+
+
+def test_routes_answer_from_the_engines_list_bytes():
+    content = json.dumps(ENGINE_LIST).encode()
+    assert json.loads(models_answer("/v1/models", content))["data"][0]["id"] == "tiny"
+    assert json.loads(models_answer("/v1/models/tiny-lora", content))["parent"] == "tiny"
+    hf = {"data": [{"id": "Qwen/Qwen2.5-7B-Instruct", "object": "model"}]}
+    assert json.loads(models_answer("/v1/models/Qwen/Qwen2.5-7B-Instruct",
+                                    json.dumps(hf).encode()))["id"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert engine_route("/v1/models/tiny") == "/v1/models"
+    assert engine_route("/v1/completions") == "/v1/completions"
