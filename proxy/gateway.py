@@ -15,7 +15,14 @@ from urllib.parse import unquote
 from .accesslog import RequestRecord
 from .admission import FairQueue, QueueFull, Slot, Tenant
 from .auth import Authenticator, store_error
-from .body import parse_request, usage_requested
+from .body import (
+    USAGE_ON_REQUEST,
+    encode,
+    output_cap,
+    parse_request,
+    usage_requested,
+    with_output_cap,
+)
 from .engine_errors import engine_error
 from .errors import ProxyError, engine_unavailable, invalid, model_not_found
 from .exchange import Exchange
@@ -176,7 +183,7 @@ class Gateway:
         raw = await read_body(receive, self.settings.max_body_bytes,
                               headers.get(b"content-length"))
         path, method = scope["path"], scope["method"]
-        body = parse_request(raw) if method == "POST" and is_json(headers) else None
+        body = parse_request(raw, path) if method == "POST" and is_json(headers) else None
         self.check_model(key, path, body)
 
         now = time.monotonic()
@@ -190,6 +197,10 @@ class Gateway:
                              f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
                              headers={"Retry-After": retry})
         await self.forwarder.ensure_ready()
+        if body is not None and self.settings.default_max_tokens:
+            capped = await self.with_default_cap(path, body)
+            if capped is not None:
+                body, raw = capped, encode(capped)
         reservation = await self.reserve_quota(key, path, body, len(raw))
         if self.inflight >= self.settings.max_inflight:
             self.quota.settle(reservation, 0)
@@ -207,8 +218,9 @@ class Gateway:
         try:
             if body is not None and body.get("stream") is True:
                 record.stream = True
-                content, ex.strip_final_usage, ex.strip_chunk_usage = usage_requested(body)
-                ex.content = content or raw
+                if path in USAGE_ON_REQUEST:
+                    content, ex.strip_final_usage, ex.strip_chunk_usage = usage_requested(body)
+                    ex.content = content or raw
                 await self.stream(ex)
             else:
                 await self.unary(ex)
@@ -337,6 +349,13 @@ class Gateway:
             await self.end_stream(ex, outcome.error)
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def with_default_cap(self, path: str, body: dict) -> dict | None:
+        """The body with ``APPLIANCE_DEFAULT_MAX_TOKENS`` when it names no output cap."""
+        if with_output_cap(body, path, 1) is None:
+            return None
+        context = await self.forwarder.context_length(body.get("model"))
+        return with_output_cap(body, path, output_cap(self.settings.default_max_tokens, context))
 
     @staticmethod
     def engine_error(ex: Exchange, response) -> ProxyError:

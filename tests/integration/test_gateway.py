@@ -334,3 +334,21 @@ def test_a_key_limited_to_other_models_sees_none_of_the_engines(gw):
     assert listed.status_code == 200 and listed.json() == {"object": "list", "data": []}
     one = httpx.get(gw.url + "/v1/models/fake-model", headers=headers)
     assert one.status_code == 404 and error_of(one)["code"] == "model_not_found"
+
+
+def test_default_output_cap_is_set_when_the_client_sends_none(fake, tmp_path):
+    from tests.integration.proxy_stack import gateway
+
+    with gateway(fake.url, tmp_path, default_max_tokens=64) as p:
+        bare = {"model": CHAT["model"], "messages": CHAT["messages"]}
+        answer = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=bare)
+        assert answer.status_code == 200
+        assert fake.stats()["last_body"]["max_tokens"] == 64
+        assert answer.json()["usage"]["completion_tokens"] == 64
+        own = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                         json={**bare, "max_tokens": 200})
+        assert own.status_code == 200 and fake.stats()["last_body"]["max_tokens"] == 200
+    with gateway(fake.url, tmp_path, default_max_tokens=100000) as p:
+        httpx.post(p.url + "/v1/completions", headers=p.headers(),
+                   json={"model": CHAT["model"], "prompt": "hi"})
+        assert fake.stats()["last_body"]["max_tokens"] == 4096  # the fake model's context
