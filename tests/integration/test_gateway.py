@@ -1,5 +1,6 @@
 """The gateway in front of the fake engine, through real clients (openai, httpx)."""
 
+import asyncio
 import json
 import time
 
@@ -352,3 +353,37 @@ def test_default_output_cap_is_set_when_the_client_sends_none(fake, tmp_path):
         httpx.post(p.url + "/v1/completions", headers=p.headers(),
                    json={"model": CHAT["model"], "prompt": "hi"})
         assert fake.stats()["last_body"]["max_tokens"] == 4096  # the fake model's context
+
+
+async def post_again_after(url: str, key: str, gap_s: float) -> str:
+    """One POST, ``gap_s`` idle, a second POST on the same connection: how the second fared."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}"
+               f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await reader.readuntil(b"\r\n0\r\n\r\n")  # the whole chunked answer
+        await asyncio.sleep(gap_s)
+        writer.write(request)
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return status_line.decode().strip() or "dropped"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return "dropped"
+    finally:
+        writer.close()
+
+
+def test_reused_connection_after_five_idle_seconds_is_answered(gw):
+    """uvicorn's default keep-alive was 5 s, as is httpx's pool expiry: a request sent on a
+    connection idle about 5 s could arrive as the gateway closed it, and the client saw the
+    connection dropped without an answer. The gateway now keeps idle connections 75 s."""
+    gaps = [4.9 + i * 0.01 for i in range(20)]
+
+    async def probe() -> list[str]:
+        key = gw.key("default")
+        return await asyncio.gather(*(post_again_after(gw.url, key, g) for g in gaps))
+
+    assert asyncio.run(probe()) == ["HTTP/1.1 200 OK"] * len(gaps)
