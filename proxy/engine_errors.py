@@ -60,6 +60,29 @@ def engine_error(status: int, content: bytes, method: str, path: str) -> ProxyEr
     return ProxyError(status, message, code, param and _field(param))
 
 
+STREAM_ERROR = b'data: {"error"'
+
+
+def stream_errors(events: bytes) -> bytes:
+    """Error events the engine writes into a stream it has begun (vLLM's own shape, its
+    status in ``code``), rewritten the same way; other events are left as they are."""
+    rewritten = []
+    for event in events.split(b"\n\n"):
+        if event.startswith(STREAM_ERROR):
+            payload = event[len(b"data: "):]
+            event = b"data: " + engine_error(_status_in(payload), payload, "POST", "").body()
+        rewritten.append(event)
+    return b"\n\n".join(rewritten)
+
+
+def _status_in(payload: bytes) -> int:
+    try:
+        code = json.loads(payload)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return 500
+    return code if isinstance(code, int) and 400 <= code < 600 else 500
+
+
 def read_engine_error(content: bytes) -> tuple[str, str | None, str | None]:
     """(message, param, code) from whatever error shape the engine used; code only when it
     is already a string in OpenAI's style (vLLM's are HTTP status numbers)."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from proxy.engine_errors import engine_error
+from proxy.engine_errors import engine_error, stream_errors
 
 OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
                 "not_found_error", "rate_limit_error", "server_error"}
@@ -105,3 +105,16 @@ def test_empty_or_odd_bodies_still_give_a_message():
     for content in (b"", b"[]", b"null", b"\xff\xfe"):
         _, error = normalised(500, content)
         assert error["message"]
+
+
+def test_error_events_inside_a_stream_are_rewritten_and_others_kept():
+    chunk = b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}]}'
+    failure = (b'data: {"error":{"message":"Grammar failed","type":"BadRequestError",'
+               b'"param":null,"code":400}}')
+    events = chunk + b"\n\n" + failure + b"\n\ndata: [DONE]\n\n"
+    out = stream_errors(events).split(b"\n\n")
+    assert out[0] == chunk and out[2] == b"data: [DONE]"
+    error = json.loads(out[1][len(b"data: "):])["error"]
+    assert (error["type"], error["code"], error["message"]) == (
+        "invalid_request_error", "invalid_request", "Grammar failed")
+    assert stream_errors(b'data: {"error": 1}\n\n').startswith(b'data: {"error": {"message"')
