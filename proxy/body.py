@@ -10,6 +10,7 @@ import json
 from .errors import invalid
 
 RESPONSES = "/v1/responses"
+TYPE, VALUE = "invalid_type", "invalid_value"
 # Where each generating route takes its output cap, the newer name first.
 OUTPUT_CAP_FIELDS = {
     "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
@@ -49,24 +50,27 @@ def parse_request(raw: bytes, route: str = "") -> dict:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
     if "model" in body and not isinstance(body["model"], str):
-        raise invalid("'model' must be a string.", "model")
+        raise invalid("'model' must be a string.", "model", TYPE)
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 1):
-            raise invalid(f"'{name}' must be a positive integer.", name)
+        if value is not None and not _is_int(value):
+            raise invalid(f"'{name}' must be a positive integer.", name, TYPE)
+        if value is not None and value < 1:
+            raise invalid(f"'{name}' must be a positive integer.", name, VALUE)
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise invalid("'stream' must be a boolean.", "stream")
+        raise invalid("'stream' must be a boolean.", "stream", TYPE)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise invalid("'stream_options' must be an object.", "stream_options")
+        raise invalid("'stream_options' must be an object.", "stream_options", TYPE)
     if "messages" in body and not (
         isinstance(body["messages"], list) and all(isinstance(m, dict) for m in body["messages"])
     ):
-        raise invalid("'messages' must be a list of message objects.", "messages")
+        raise invalid("'messages' must be a list of message objects.", "messages", TYPE)
     if "prompt" in body and not _valid_prompt(body["prompt"]):
-        raise invalid("'prompt' must be a string, a list of strings, or token ids.", "prompt")
+        raise invalid("'prompt' must be a string, a list of strings, or token ids.", "prompt",
+                      TYPE)
     if route == RESPONSES and "input" in body and not _valid_input_items(body["input"]):
-        raise invalid("'input' must be a string or a list of input items.", "input")
+        raise invalid("'input' must be a string or a list of input items.", "input", TYPE)
     return body
 
 

@@ -57,8 +57,10 @@ class ProxyError(Exception):
         return b"event: error\ndata: " + self.body() + b"\n\ndata: [DONE]\n\n"
 
 
-def invalid(message: str, param: str | None = None) -> ProxyError:
-    return ProxyError(400, message, "invalid_request", param)
+def invalid(message: str, param: str | None = None, code: str = "invalid_request") -> ProxyError:
+    """A request the gateway refuses; ``code`` as OpenAI's: ``invalid_type`` for a field of the
+    wrong type, ``invalid_value`` for one out of range, ``invalid_request`` for the rest."""
+    return ProxyError(400, message, code, param)
 
 
 def unauthorized(message: str) -> ProxyError:

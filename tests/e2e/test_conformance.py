@@ -183,7 +183,7 @@ def test_responses_validation_is_bad_request_naming_the_field(front):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=SERVED_NAME, input="hi",
                                 extra_body={"max_output_tokens": "ten"})
-    assert_openai_error(caught.value, "invalid_request_error", "invalid_request",
+    assert_openai_error(caught.value, "invalid_request_error", "invalid_type",
                         "max_output_tokens")
     with pytest.raises(openai.BadRequestError) as caught:  # checked by the engine
         client.responses.create(model=SERVED_NAME, input="hi", max_output_tokens=3,

@@ -17,21 +17,22 @@ SETTINGS = ProxySettings(_env_file=None, timeout_base_s=30, timeout_per_token_s=
 
 
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("body", "param", "code"),
     [
-        ({"max_output_tokens": "ten"}, "max_output_tokens"),
-        ({"max_output_tokens": 0}, "max_output_tokens"),
-        ({"max_output_tokens": True}, "max_output_tokens"),
-        ({"stream": "yes"}, "stream"),
-        ({"model": 3}, "model"),
-        ({"input": 42}, "input"),
-        ({"input": [1, 2]}, "input"),
+        ({"max_output_tokens": "ten"}, "max_output_tokens", "invalid_type"),
+        ({"max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+        ({"max_output_tokens": True}, "max_output_tokens", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"model": 3}, "model", "invalid_type"),
+        ({"input": 42}, "input", "invalid_type"),
+        ({"input": [1, 2]}, "input", "invalid_type"),
     ],
 )
-def test_responses_fields_the_gateway_acts_on_are_checked(body, param):
+def test_responses_fields_the_gateway_acts_on_are_checked(body, param, code):
     with pytest.raises(ProxyError) as caught:
         parse_request(json.dumps({"model": "m", "input": "hi", **body}).encode(), RESPONSES)
-    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.status == 400
+    assert (caught.value.param, caught.value.code) == (param, code)
 
 
 def test_responses_input_may_be_text_or_items_and_embeddings_input_is_left_alone():
