@@ -170,12 +170,13 @@ def test_output_cap_over_the_context_is_bad_request_on_max_tokens(front):
 
 
 def test_unknown_model_is_not_found_model_not_found(front):
+    """OpenAI answers an unknown model with 404, type invalid_request_error."""
     with pytest.raises(openai.NotFoundError) as caught:
         sdk(front).chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
-    assert_openai_error(caught.value, "not_found_error", "model_not_found", "model")
+    assert_openai_error(caught.value, "invalid_request_error", "model_not_found", "model")
     with pytest.raises(openai.NotFoundError) as caught:
         sdk(front).models.retrieve("gpt-4o")
-    assert_openai_error(caught.value, "not_found_error", "model_not_found", "model")
+    assert_openai_error(caught.value, "invalid_request_error", "model_not_found", "model")
 
 
 def test_responses_validation_is_bad_request_naming_the_field(front):
@@ -297,5 +298,5 @@ def test_curl_chat_plain_streamed_and_error(front, flag, version):
     assert status == f"{version} 404"
     error = json.loads(body)
     conforms(error, "ErrorResponse")
-    assert (error["error"]["type"], error["error"]["code"]) == ("not_found_error",
+    assert (error["error"]["type"], error["error"]["code"]) == ("invalid_request_error",
                                                                 "model_not_found")
