@@ -89,16 +89,19 @@ def usage_requested(body: dict) -> tuple[bytes | None, bool, bool]:
     return content, not wants_final, True
 
 
-def with_output_cap(body: dict, route: str, cap: int) -> dict | None:
-    """The body with an output cap of ``cap`` tokens when the client set none, else None.
-
-    Without one a request may generate to the end of the context, so neither its deadline
-    nor its cost is bounded; the client's own value always wins.
-    """
+def lacks_output_cap(body: dict, route: str) -> bool:
+    """A generation request that names no output cap: it may run to the end of the context,
+    so neither its deadline nor its cost is bounded."""
     fields = OUTPUT_CAP_FIELDS.get(route)
-    if not fields or any(body.get(name) is not None for name in fields):
+    return bool(fields) and all(body.get(name) is None for name in fields)
+
+
+def with_output_cap(body: dict, route: str, cap: int) -> dict | None:
+    """The body with an output cap of ``cap`` tokens when the client set none, else None:
+    the client's own value always wins."""
+    if not lacks_output_cap(body, route):
         return None
-    return {**body, fields[-1]: cap}
+    return {**body, OUTPUT_CAP_FIELDS[route][-1]: cap}
 
 
 def output_cap(default: int, context: int | None) -> int:

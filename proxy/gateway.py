@@ -18,6 +18,7 @@ from .auth import Authenticator, store_error
 from .body import (
     USAGE_ON_REQUEST,
     encode,
+    lacks_output_cap,
     output_cap,
     parse_request,
     usage_requested,
@@ -352,7 +353,7 @@ class Gateway:
 
     async def with_default_cap(self, path: str, body: dict) -> dict | None:
         """The body with ``APPLIANCE_DEFAULT_MAX_TOKENS`` when it names no output cap."""
-        if with_output_cap(body, path, 1) is None:
+        if not lacks_output_cap(body, path):
             return None
         context = await self.forwarder.context_length(body.get("model"))
         return with_output_cap(body, path, output_cap(self.settings.default_max_tokens, context))
