@@ -1,12 +1,24 @@
 """The few request fields the gateway acts on, checked for type; everything else passes through.
 
 Returns the parsed body so the forwarder can read ``stream`` and ``max_tokens``; the bytes sent
-upstream stay the client's own unless the gateway must change them (see ``usage_requested``).
+upstream stay the client's own unless the gateway must change them (``usage_requested``,
+``with_output_cap``).
 """
 
 import json
 
 from .errors import invalid
+
+RESPONSES = "/v1/responses"
+TYPE, VALUE = "invalid_type", "invalid_value"
+# Where each generating route takes its output cap, the newer name first.
+OUTPUT_CAP_FIELDS = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    RESPONSES: ("max_output_tokens",),
+}
+# Routes whose streams report usage only when asked (``stream_options.include_usage``).
+USAGE_ON_REQUEST = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def _is_int(value: object) -> bool:
@@ -23,7 +35,13 @@ def _valid_prompt(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(x, str) or _is_token_list(x) for x in value)
 
 
-def parse_request(raw: bytes) -> dict:
+def _valid_input_items(value: object) -> bool:
+    """The Responses API's ``input``: a string, or a list of items (objects or strings)."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(x, dict | str) for x in value))
+
+
+def parse_request(raw: bytes, route: str = "") -> dict:
     """Parse a JSON request body and check the fields the gateway relies on."""
     try:
         body = json.loads(raw)
@@ -32,22 +50,27 @@ def parse_request(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
     if "model" in body and not isinstance(body["model"], str):
-        raise invalid("'model' must be a string.", "model")
-    for name in ("max_tokens", "max_completion_tokens"):
+        raise invalid("'model' must be a string.", "model", TYPE)
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 1):
-            raise invalid(f"'{name}' must be a positive integer.", name)
+        if value is not None and not _is_int(value):
+            raise invalid(f"'{name}' must be a positive integer.", name, TYPE)
+        if value is not None and value < 1:
+            raise invalid(f"'{name}' must be a positive integer.", name, VALUE)
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise invalid("'stream' must be a boolean.", "stream")
+        raise invalid("'stream' must be a boolean.", "stream", TYPE)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise invalid("'stream_options' must be an object.", "stream_options")
+        raise invalid("'stream_options' must be an object.", "stream_options", TYPE)
     if "messages" in body and not (
         isinstance(body["messages"], list) and all(isinstance(m, dict) for m in body["messages"])
     ):
-        raise invalid("'messages' must be a list of message objects.", "messages")
+        raise invalid("'messages' must be a list of message objects.", "messages", TYPE)
     if "prompt" in body and not _valid_prompt(body["prompt"]):
-        raise invalid("'prompt' must be a string, a list of strings, or token ids.", "prompt")
+        raise invalid("'prompt' must be a string, a list of strings, or token ids.", "prompt",
+                      TYPE)
+    if route == RESPONSES and "input" in body and not _valid_input_items(body["input"]):
+        raise invalid("'input' must be a string or a list of input items.", "input", TYPE)
     return body
 
 
@@ -64,3 +87,28 @@ def usage_requested(body: dict) -> tuple[bytes | None, bool, bool]:
     options = {**options, "include_usage": True, "continuous_usage_stats": True}
     content = json.dumps({**body, "stream_options": options}, ensure_ascii=False).encode()
     return content, not wants_final, True
+
+
+def lacks_output_cap(body: dict, route: str) -> bool:
+    """A generation request that names no output cap: it may run to the end of the context,
+    so neither its deadline nor its cost is bounded."""
+    fields = OUTPUT_CAP_FIELDS.get(route)
+    return bool(fields) and all(body.get(name) is None for name in fields)
+
+
+def with_output_cap(body: dict, route: str, cap: int) -> dict | None:
+    """The body with an output cap of ``cap`` tokens when the client set none, else None:
+    the client's own value always wins."""
+    if not lacks_output_cap(body, route):
+        return None
+    return {**body, OUTPUT_CAP_FIELDS[route][-1]: cap}
+
+
+def output_cap(default: int, context: int | None) -> int:
+    """The default cap, never above the model's context: vLLM refuses an output cap larger
+    than the whole context (one that only overflows with the prompt it shortens itself)."""
+    return min(default, context) if context else default
+
+
+def encode(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()

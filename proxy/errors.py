@@ -2,26 +2,34 @@
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
-Errors the engine produces are relayed as the engine gave them, never rewritten here.
+``type`` is always one of OpenAI's own: the SDKs and agent frameworks branch on it. Errors the
+engine produces are put in the same shape by ``engine_errors``.
 """
 
 import json
 from dataclasses import dataclass, field
 
-# The ``type`` OpenAI uses for each status the gateway answers with.
+# The ``type`` OpenAI uses for each status; any other 4xx is an invalid request, any 5xx a
+# server error.
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
     429: "rate_limit_error",
-    500: "internal_server_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-    504: "timeout_error",
 }
+# Challenge sent with every 401 (RFC 6750): the scheme the API expects.
+BEARER_CHALLENGE = 'Bearer realm="inference-appliance"'
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def error_payload(message: str, kind: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass
@@ -38,11 +46,8 @@ class ProxyError(Exception):
     ``invalid_request_error``)."""
 
     def payload(self) -> dict:
-        kind = self.kind or ERROR_TYPES.get(self.status, "invalid_request_error")
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param,
-                      "code": self.code}
-        }
+        return error_payload(self.message, self.kind or error_type(self.status), self.param,
+                             self.code)
 
     def body(self) -> bytes:
         return json.dumps(self.payload()).encode()
@@ -52,12 +57,15 @@ class ProxyError(Exception):
         return b"event: error\ndata: " + self.body() + b"\n\ndata: [DONE]\n\n"
 
 
-def invalid(message: str, param: str | None = None) -> ProxyError:
-    return ProxyError(400, message, "invalid_request", param)
+def invalid(message: str, param: str | None = None, code: str = "invalid_request") -> ProxyError:
+    """A request the gateway refuses; ``code`` as OpenAI's: ``invalid_type`` for a field of the
+    wrong type, ``invalid_value`` for one out of range, ``invalid_request`` for the rest."""
+    return ProxyError(400, message, code, param)
 
 
 def unauthorized(message: str) -> ProxyError:
-    return ProxyError(401, message, "invalid_api_key")
+    return ProxyError(401, message, "invalid_api_key",
+                      headers={"WWW-Authenticate": BEARER_CHALLENGE})
 
 
 def engine_unavailable(message: str) -> ProxyError:

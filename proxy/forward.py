@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from .engine_errors import STREAM_ERROR, stream_errors
 from .errors import ProxyError, engine_unavailable
 from .exchange import Exchange
 from .transport import EngineTransport
@@ -210,6 +211,8 @@ class Forwarder:
             ready, partial = data[:cut], data[cut:]
             if b'"usage"' in ready:
                 ready = self._take_usage(ready, ex, outcome)
+            if STREAM_ERROR in ready:
+                ready = stream_errors(ready)
             if ready:
                 yield ready
             deadline.reschedule(loop.time() + idle_s)

@@ -15,7 +15,16 @@ from urllib.parse import unquote
 from .accesslog import RequestRecord
 from .admission import FairQueue, QueueFull, Slot, Tenant
 from .auth import Authenticator, store_error
-from .body import parse_request, usage_requested
+from .body import (
+    USAGE_ON_REQUEST,
+    encode,
+    lacks_output_cap,
+    output_cap,
+    parse_request,
+    usage_requested,
+    with_output_cap,
+)
+from .engine_errors import engine_error
 from .errors import ProxyError, engine_unavailable, invalid, model_not_found
 from .exchange import Exchange
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
@@ -23,6 +32,7 @@ from .keys import Key, StoreUnavailable
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
+from .models import engine_route, is_models_route, models_answer
 from .quota import QuotaBook, QuotaExceeded, Reservation, reservation_for, retry_after_text
 from .settings import ProxySettings
 from .timeouts import deadlines_for
@@ -44,6 +54,7 @@ NO_SLOT = contextlib.nullcontext()
 NOT_JSON = (b"multipart/", b"application/octet-stream")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def forwarded(path: str) -> bool:
@@ -173,7 +184,7 @@ class Gateway:
         raw = await read_body(receive, self.settings.max_body_bytes,
                               headers.get(b"content-length"))
         path, method = scope["path"], scope["method"]
-        body = parse_request(raw) if method == "POST" and is_json(headers) else None
+        body = parse_request(raw, path) if method == "POST" and is_json(headers) else None
         self.check_model(key, path, body)
 
         now = time.monotonic()
@@ -187,6 +198,10 @@ class Gateway:
                              f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
                              headers={"Retry-After": retry})
         await self.forwarder.ensure_ready()
+        if body is not None and self.settings.default_max_tokens:
+            capped = await self.with_default_cap(path, body)
+            if capped is not None:
+                body, raw = capped, encode(capped)
         reservation = await self.reserve_quota(key, path, body, len(raw))
         if self.inflight >= self.settings.max_inflight:
             self.quota.settle(reservation, 0)
@@ -194,7 +209,7 @@ class Gateway:
             raise engine_unavailable("The gateway is at capacity; retry shortly.")
 
         tenant = Tenant(key.name, key.weight, key.max_concurrent)
-        ex = Exchange(tenant, method, path, scope.get("query_string", b""),
+        ex = Exchange(tenant, method, engine_route(path), scope.get("query_string", b""),
                       upstream_headers(scope["headers"], record.request_id,
                                        self.forwarder.engine_key, json_body=body is not None),
                       raw, deadlines_for(body, path in GENERATION_ROUTES, self.settings),
@@ -204,8 +219,9 @@ class Gateway:
         try:
             if body is not None and body.get("stream") is True:
                 record.stream = True
-                content, ex.strip_final_usage, ex.strip_chunk_usage = usage_requested(body)
-                ex.content = content or raw
+                if path in USAGE_ON_REQUEST:
+                    content, ex.strip_final_usage, ex.strip_chunk_usage = usage_requested(body)
+                    ex.content = content or raw
                 await self.stream(ex)
             else:
                 await self.unary(ex)
@@ -272,6 +288,12 @@ class Gateway:
         except ClientGone:
             self.metrics.upstream_aborts.labels("client_disconnected").inc()
             raise
+        if response.status_code >= 400:
+            raise self.engine_error(ex, response)
+        if is_models_route(ex.record.route):
+            await ex.answer(200, JSON_HEADERS,
+                            models_answer(ex.record.route, response.content, ex.allowed_models))
+            return
         if response.status_code == 200:
             note_usage(ex.record, from_json_body(response.content))
         await ex.answer(response.status_code, client_headers(response.headers), response.content)
@@ -310,6 +332,9 @@ class Gateway:
     async def relay(self, ex: Exchange, response, deadline: asyncio.Timeout,
                     outcome: StreamOutcome) -> None:
         """Relay the engine's answer to the client: its error as it is, else event by event."""
+        if response.status_code >= 400:
+            await response.aread()
+            raise self.engine_error(ex, response)
         if response.status_code != 200:
             await response.aread()
             await ex.answer(response.status_code, client_headers(response.headers),
@@ -325,6 +350,21 @@ class Gateway:
             await self.end_stream(ex, outcome.error)
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def with_default_cap(self, path: str, body: dict) -> dict | None:
+        """The body with ``APPLIANCE_DEFAULT_MAX_TOKENS`` when it names no output cap."""
+        if not lacks_output_cap(body, path):
+            return None
+        context = await self.forwarder.context_length(body.get("model"))
+        return with_output_cap(body, path, output_cap(self.settings.default_max_tokens, context))
+
+    @staticmethod
+    def engine_error(ex: Exchange, response) -> ProxyError:
+        """The engine's error in OpenAI's shape; the engine's own words go to the log."""
+        log.info("engine answered %d on %s (request %s): %s", response.status_code,
+                 ex.record.route, ex.record.request_id, response.content[:2000])
+        return engine_error(response.status_code, response.content, ex.record.method,
+                            ex.record.route)
 
     def engine_slot(self, ex: Exchange) -> Slot | contextlib.nullcontext:
         """Generation waits its key's fair turn for an engine slot; other routes go straight."""

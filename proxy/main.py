@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     accesslog.configure(settings.log_level)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop",
                 http="httptools", access_log=False, log_level=settings.log_level,
-                server_header=False, timeout_graceful_shutdown=30)
+                server_header=False, timeout_graceful_shutdown=30,
+                timeout_keep_alive=settings.proxy_keepalive_s)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE = Path("/etc/appliance/appliance.env")
@@ -36,6 +36,10 @@ class ProxySettings(BaseSettings):
 
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
+    proxy_keepalive_s: PositiveFloat = 75.0
+    """How long an idle client connection is kept open. Above NGINX's upstream
+    ``keepalive_timeout`` (60 s): the server must be the side that keeps idle connections
+    longest, or a client may send into a connection the gateway is closing."""
 
     timeout_base_s: PositiveFloat = 30.0
     """Non-streaming deadline: this much for queueing and prefill ..."""
@@ -49,6 +53,10 @@ class ProxySettings(BaseSettings):
     """Streaming: the longest gap between two chunks."""
     short_timeout_s: PositiveFloat = 10.0
     """Deadline for routes that generate nothing (``/v1/models``, tokenizer routes)."""
+    default_max_tokens: int | None = Field(4096, ge=1)
+    """Output cap set on a generation request that names none (``max_tokens``, or
+    ``max_output_tokens`` on ``/v1/responses``), capped at the model's context; bounds its
+    deadline and cost. The client's own value always wins. Empty: no default."""
 
     max_num_seqs: int = Field(256, ge=1)
     """The engine's batch size: ``appliance-engine`` passes this same variable to vLLM."""
@@ -70,6 +78,12 @@ class ProxySettings(BaseSettings):
     """How often per-key usage is written to the key store."""
 
     log_level: str = "info"
+
+    @field_validator("default_max_tokens", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``APPLIANCE_DEFAULT_MAX_TOKENS=`` in the env file means no default."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _size_admission(self) -> "ProxySettings":

@@ -15,8 +15,9 @@ class Deadlines:
 
 
 def requested_tokens(body: dict) -> int | None:
-    """The completion length asked for (``max_completion_tokens`` is chat's newer name)."""
-    for name in ("max_completion_tokens", "max_tokens"):
+    """The completion length asked for (``max_completion_tokens`` is chat's newer name,
+    ``max_output_tokens`` the Responses API's)."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 
 CHUNK_USAGE = re.compile(rb',\s*"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
-PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
-COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+# Chat and completions count prompt/completion tokens; the Responses API input/output tokens.
+PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens":\s*(\d+)')
+COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":\s*(\d+)')
 NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')
 
 
@@ -28,12 +29,17 @@ class TokenUsage:
 
 
 def from_payload(payload: object) -> TokenUsage | None:
+    """Usage in a chat or completion answer, or in a Responses API answer or event (there the
+    response sits under ``response`` in events and counts ``input``/``output`` tokens)."""
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
+    if not isinstance(usage, dict) and isinstance(payload.get("response"), dict):
+        usage = payload["response"].get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return TokenUsage(prompt, completion)

@@ -289,6 +289,22 @@ def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> b
     return True
 
 
+def apply_cors(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+    """Re-render the NGINX site with the env file's APPLIANCE_CORS_ORIGINS (browser origins
+    allowed to call the API; NGINX answers their preflights). NGINX starts after first boot,
+    so it loads the new site as it starts."""
+    origins = settings.get("APPLIANCE_CORS_ORIGINS", "")
+    if not (args.site_dir / "render-params.json").is_file():
+        log(f"no rendered NGINX site in {args.site_dir}; CORS origins not applied")
+        return
+    done = run([args.render_site_cmd, "--out-dir", str(args.site_dir), "--update",
+                "--cors-origins", origins])
+    if done.returncode != 0:
+        log(f"APPLIANCE_CORS_ORIGINS not applied: {done.stderr.strip()[-500:]}")
+    elif origins:
+        log(f"NGINX site allows browser origins: {origins}")
+
+
 def env_default(name: str, default: str) -> str:
     return os.environ.get(f"APPLIANCE_FIRSTBOOT_{name}", default)
 
@@ -333,6 +349,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--enable-tls-cmd", default=env_default("ENABLE_TLS_CMD", f"{SCRIPTS_DIR}/enable-tls.sh")
+    )
+    p.add_argument(
+        "--site-dir", type=Path, default=Path(env_default("SITE_DIR", "/etc/nginx/appliance"))
+    )
+    p.add_argument(
+        "--render-site-cmd", default=env_default("RENDER_SITE_CMD", f"{SCRIPTS_DIR}/render_site.py")
     )
     # The virtualenv's command itself: /usr/local/sbin/appliance-keys switches user on its own.
     p.add_argument("--keys-cmd", default=env_default("KEYS_CMD", f"{VENV_BIN}/appliance-keys"))
@@ -384,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     write_private(args.env_file, render_env(settings))
     log(f"wrote {args.env_file} ({len(settings)} settings, mode 0600)")
 
+    apply_cors(args, settings)
     try:
         ensure_self_signed(args)
         ensure_admin_key(args, settings)

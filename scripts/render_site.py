@@ -37,6 +37,8 @@ PARAMS_FILE = "render-params.json"
 LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")
 SIZE = re.compile(r"^[0-9]+[kKmMgG]?$")
+ORIGIN = re.compile(rf"^https?://{LABEL}(\.{LABEL})*(:[0-9]{{1,5}})?$")
+CORS_ENV = "APPLIANCE_CORS_ORIGINS"
 
 
 class Placeholders(string.Template):
@@ -83,6 +85,20 @@ class SiteParams:
     """Standalone main config only."""
     playground_dir: str = ""
     """The playground page's files; empty: the playground/ beside these templates."""
+    cors_origins: str = ""
+    """Browser origins allowed to call the API (``APPLIANCE_CORS_ORIGINS``), separated by
+    spaces or commas, such as ``https://app.example.com``; ``*`` allows any; empty: no CORS."""
+
+
+def cors_origins(params: SiteParams) -> list[str]:
+    return [o for o in re.split(r"[\s,]+", params.cors_origins) if o]
+
+
+def cors_origin_map(origins: list[str]) -> str:
+    """The body of the Origin -> allowed-origin map: each allowed origin echoes itself."""
+    if "*" in origins:
+        return '    "~." $http_origin;'
+    return "\n".join(f'    "{origin}" $http_origin;' for origin in origins)
 
 
 def problems(params: SiteParams) -> list[str]:
@@ -111,6 +127,9 @@ def problems(params: SiteParams) -> list[str]:
             found.append(f"{name} must be at least 1")
     if params.conn_per_ip > 65535:
         found.append("conn_per_ip must be at most 65535")
+    for origin in cors_origins(params):
+        if origin != "*" and not ORIGIN.match(origin):
+            found.append(f"CORS origin {origin!r} is not scheme://host[:port] (lower case)")
     if params.short_timeout_s > params.long_timeout_s:
         found.append("short_timeout_s must not exceed long_timeout_s")
     for name in ("cert", "key", "trusted_ca", "webroot", "access_log", "error_log",
@@ -150,6 +169,8 @@ def values(params: SiteParams, out_dir: Path) -> dict[str, str]:
         "CONN_PER_IP": str(params.conn_per_ip),
         "WORKERS": params.workers,
         "PLAYGROUND_DIR": params.playground_dir or str(NGINX_DIR / PLAYGROUND),
+        "CORS_ORIGIN_MAP": cors_origin_map(cors_origins(params)),
+        "CORS_VARY": "Origin" if cors_origins(params) else "",
         "SNIPPETS_DIR": str(out_dir / SNIPPETS),
         "SITE": str(out_dir / SITE_TEMPLATE),
         "PREFIX": str(out_dir),
@@ -251,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in fields(SiteParams)
         if getattr(args, f.name) is not None
     }
+    if "cors_origins" not in given and CORS_ENV in os.environ:
+        given["cors_origins"] = os.environ[CORS_ENV]
     params = dataclasses.replace(base, **given)
     wrong = problems(params)
     if wrong:

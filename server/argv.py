@@ -40,6 +40,10 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
         argv += ["--kv-cache-memory-bytes", str(s.kv_cache_memory_bytes)]
     if s.quantization:
         argv += ["--quantization", s.quantization]
+    if plan.tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", plan.tool_call_parser]
+    if plan.reasoning_parser:
+        argv += ["--reasoning-parser", plan.reasoning_parser]
     enforce_eager = s.enforce_eager if s.enforce_eager is not None else plan.device == "cpu"
     if enforce_eager:
         argv.append("--enforce-eager")

@@ -35,6 +35,9 @@ class ModelInfo:
     num_key_value_heads: int
     max_position_embeddings: int | None
     weight_bytes: int
+    architectures: tuple[str, ...] = ()
+    chat_template: str = ""
+    """Every chat template the model ships, joined: what its tool-call markup looks like."""
 
 
 def parse_source(spec: str) -> ModelSource:
@@ -175,7 +178,28 @@ def read_model_info(path: Path) -> ModelInfo:
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_len,
         weight_bytes=weight_bytes(path),
+        architectures=tuple(a for a in config.get("architectures") or () if isinstance(a, str)),
+        chat_template=chat_templates(path),
     )
+
+
+def chat_templates(path: Path) -> str:
+    """The chat templates in ``tokenizer_config.json`` (a string, or named variants) and in
+    the ``chat_template.jinja`` / ``chat_template.json`` files newer models ship instead."""
+    found: list[str] = []
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        try:
+            template = json.loads((path / name).read_text()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(template, str):
+            found.append(template)
+        elif isinstance(template, list):
+            found += [t["template"] for t in template
+                      if isinstance(t, dict) and isinstance(t.get("template"), str)]
+    for jinja in sorted(path.glob("*.jinja")):
+        found.append(jinja.read_text(errors="replace"))
+    return "\n".join(found)
 
 
 def weight_bytes(path: Path) -> int:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from server.gpus import Gpu
 from server.model import ModelInfo
+from server.parsers import ModelFamily, choose_parsers
 from server.settings import EngineSettings
 from server.vllm_build import VllmBuild
 
@@ -26,6 +27,8 @@ class EnginePlan:
     model_path: str
     served_model_name: str
     cpus: tuple[int, ...] = ()
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     reasons: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
 
@@ -141,6 +144,10 @@ def plan_engine(
             f"limit of {limit} tokens (max_position_embeddings)"
         )
 
+    parsers = choose_parsers(ModelFamily(model.architectures, model.chat_template),
+                             settings.tool_call_parser, settings.reasoning_parser)
+    reasons.extend(parsers.reasons)
+
     return EnginePlan(
         settings=settings,
         device=device,
@@ -148,6 +155,8 @@ def plan_engine(
         model_path=str(model.path),
         served_model_name=served_name_for(settings),
         cpus=cpus,
+        tool_call_parser=parsers.tool_call_parser,
+        reasoning_parser=parsers.reasoning_parser,
         reasons=tuple(reasons),
         errors=tuple(errors),
     )

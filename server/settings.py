@@ -62,6 +62,12 @@ class EngineSettings(BaseSettings):
     """vLLM's ``--quantization`` (``awq``, ``fp8``, ...); read from the model when unset."""
     dtype: str = "auto"
 
+    tool_call_parser: str = "auto"
+    """vLLM's ``--tool-call-parser`` (with ``--enable-auto-tool-choice``); ``auto`` picks one
+    from the model's files, ``none`` turns tool calling off."""
+    reasoning_parser: str = "auto"
+    """vLLM's ``--reasoning-parser``; ``auto`` picks one for reasoning models, ``none``: off."""
+
     engine_host: str = "127.0.0.1"
     """vLLM binds here; keep it on loopback so only the proxy reaches it."""
     engine_port: Annotated[int, Field(ge=1, le=65535)] = 8000
@@ -80,6 +86,15 @@ class EngineSettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``APPLIANCE_MAX_MODEL_LEN=`` in the env file means "not set", not an error."""
         return None if value == "" else value
+
+    @field_validator("tool_call_parser", "reasoning_parser")
+    @classmethod
+    def _parser_name(cls, value: str) -> str:
+        """A parser name is one token: it lands on vLLM's command line."""
+        value = value.strip() or "auto"
+        if not all(c.isalnum() or c in "_-." for c in value):
+            raise ValueError(f"{value!r} is not a parser name")
+        return value
 
     @field_validator("engine_extra_args")
     @classmethod

@@ -211,8 +211,9 @@ def count_prompt_tokens(request: dict) -> int:
 
 
 def models_body() -> dict:
+    # As vLLM writes it, with the model's directory on the server in "root".
     entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "fake",
-             "max_model_len": CONTEXT_TOKENS}
+             "root": "/srv/models/fake-model", "parent": None, "max_model_len": CONTEXT_TOKENS}
     return {"object": "list", "data": [entry]}
 
 

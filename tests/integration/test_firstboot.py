@@ -7,6 +7,7 @@ rendered with that certificate and checked by `nginx -t`.
 
 import contextlib
 import gzip
+import json
 import shutil
 import socket
 import stat
@@ -147,6 +148,10 @@ class Host:
             enable_tls,
             "--keys-cmd",
             str(VENV_BIN / "appliance-keys"),
+            "--site-dir",
+            str(self.root / "nginx"),
+            "--render-site-cmd",
+            str(ROOT / "scripts" / "render_site.py"),
             "--service-user",
             "",
         ]
@@ -416,3 +421,16 @@ def test_failed_tls_only_run_is_retried_at_next_boot(host, tmp_path):
     assert later.returncode == 0
     assert "retry with" in later.stderr
     assert not (host.state / "firstboot-tls.done").exists()
+
+
+def test_cors_origins_from_user_data_reach_the_nginx_site(host):
+    site = host.root / "nginx"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_site.py"), "--out-dir",
+                    str(site)], check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
+    with fake_imds("APPLIANCE_CORS_ORIGINS=https://app.example.com\n") as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    params = json.loads((site / "render-params.json").read_text())
+    assert params["cors_origins"] == "https://app.example.com"
+    assert '"https://app.example.com" $http_origin;' in (site / "appliance.conf").read_text()
+    assert "allows browser origins" in done.stderr + done.stdout

@@ -1,5 +1,6 @@
 """The gateway in front of the fake engine, through real clients (openai, httpx)."""
 
+import asyncio
 import json
 import time
 
@@ -106,11 +107,44 @@ def test_request_id_is_generated_and_returned_on_errors_too(gw):
     assert len(ids) == 3 and all(len(i) == 32 for i in ids)
 
 
-def test_engine_errors_pass_through_as_given(gw):
-    response = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
-                          json={**CHAT, "fake": {"status": 400}})
-    assert response.status_code == 400
-    assert error_of(response)["message"] == "injected failure"
+def test_engine_errors_keep_their_message_in_openai_vocabulary(gw):
+    for status, kind in ((400, "invalid_request_error"), (500, "server_error"),
+                         (503, "server_error")):
+        response = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
+                              json={**CHAT, "fake": {"status": status}})
+        assert response.status_code == status
+        error = error_of(response)
+        assert error["message"] == "injected failure"
+        assert error["type"] == kind and isinstance(error["code"], str)
+    streamed = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
+                          json={**CHAT, "stream": True, "fake": {"status": 400}})
+    assert streamed.status_code == 400
+    assert streamed.headers["content-type"] == "application/json"
+    assert error_of(streamed)["type"] == "invalid_request_error"
+    assert "injected failure" in gw.log.read_text()
+
+
+def test_engine_404_names_the_route_like_openai(gw):
+    response = httpx.post(gw.url + "/v1/rerank", headers=gw.headers(), json={"model": "m"})
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["type"] == "not_found_error" and error["code"] == "not_found"
+
+
+def test_model_list_and_one_model_without_server_paths(gw):
+    listed = httpx.get(gw.url + "/v1/models", headers=gw.headers())
+    assert listed.status_code == 200 and "/srv/" not in listed.text
+    [model] = listed.json()["data"]
+    one = httpx.get(gw.url + f"/v1/models/{model['id']}", headers=gw.headers())
+    assert one.status_code == 200 and one.json() == model
+    missing = httpx.get(gw.url + "/v1/models/gpt-4o", headers=gw.headers())
+    assert missing.status_code == 404
+    error = error_of(missing)
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model",
+                                                              "invalid_request_error")
+    with pytest.raises(openai.NotFoundError):
+        gw.client().models.retrieve("gpt-4o")
+    assert gw.client().models.retrieve(model["id"]).id == model["id"]
 
 
 # Keys
@@ -121,6 +155,7 @@ def test_requests_without_a_valid_key_get_401(gw):
         response = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=headers)
         assert response.status_code == 401
         assert error_of(response)["type"] == "authentication_error"
+        assert response.headers["www-authenticate"].startswith("Bearer")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=gw.url + "/v1", api_key="wrong").models.list()
 
@@ -188,7 +223,7 @@ def test_slow_answer_past_the_deadline_is_504_and_aborted_upstream(tight, fake):
     before = fake.stats()["disconnects"]
     response = httpx.post(tight.url + "/v1/chat/completions", headers=tight.headers(),
                           json={**CHAT, "fake": {"delay": 5}})
-    assert response.status_code == 504 and error_of(response)["type"] == "timeout_error"
+    assert response.status_code == 504 and error_of(response)["type"] == "server_error"
     wait_for(lambda: fake.stats()["disconnects"] > before, 2)
 
 
@@ -212,7 +247,7 @@ def test_stalled_stream_ends_with_an_error_event_and_is_aborted(tight, fake, fau
     events = sse_events(text)
     assert events[-2].startswith("event: error\ndata: ")
     error = json.loads(events[-2].split("data: ", 1)[1])["error"]
-    assert error["type"] == "timeout_error" and set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "server_error" and set(error) == {"message", "type", "param", "code"}
     wait_for(lambda: fake.stats()["disconnects"] > before, 2)
 
 
@@ -292,3 +327,63 @@ def test_access_log_is_json_per_request_without_secrets(gw):
     log_text = gw.log.read_text()
     for secret in [*gw.keys.values(), ENGINE_KEY]:
         assert secret not in log_text
+
+
+def test_a_key_limited_to_other_models_sees_none_of_the_engines(gw):
+    headers = {"Authorization": f"Bearer {gw.key('other-models', '--models', 'other-model')}"}
+    listed = httpx.get(gw.url + "/v1/models", headers=headers)
+    assert listed.status_code == 200 and listed.json() == {"object": "list", "data": []}
+    one = httpx.get(gw.url + "/v1/models/fake-model", headers=headers)
+    assert one.status_code == 404 and error_of(one)["code"] == "model_not_found"
+
+
+def test_default_output_cap_is_set_when_the_client_sends_none(fake, tmp_path):
+    from tests.integration.proxy_stack import gateway
+
+    with gateway(fake.url, tmp_path, default_max_tokens=64) as p:
+        bare = {"model": CHAT["model"], "messages": CHAT["messages"]}
+        answer = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=bare)
+        assert answer.status_code == 200
+        assert fake.stats()["last_body"]["max_tokens"] == 64
+        assert answer.json()["usage"]["completion_tokens"] == 64
+        own = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                         json={**bare, "max_tokens": 200})
+        assert own.status_code == 200 and fake.stats()["last_body"]["max_tokens"] == 200
+    with gateway(fake.url, tmp_path, default_max_tokens=100000) as p:
+        httpx.post(p.url + "/v1/completions", headers=p.headers(),
+                   json={"model": CHAT["model"], "prompt": "hi"})
+        assert fake.stats()["last_body"]["max_tokens"] == 4096  # the fake model's context
+
+
+async def post_again_after(url: str, key: str, gap_s: float) -> str:
+    """One POST, ``gap_s`` idle, a second POST on the same connection: how the second fared."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}"
+               f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await reader.readuntil(b"\r\n0\r\n\r\n")  # the whole chunked answer
+        await asyncio.sleep(gap_s)
+        writer.write(request)
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return status_line.decode().strip() or "dropped"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return "dropped"
+    finally:
+        writer.close()
+
+
+def test_reused_connection_after_five_idle_seconds_is_answered(gw):
+    """uvicorn's default keep-alive was 5 s, as is httpx's pool expiry: a request sent on a
+    connection idle about 5 s could arrive as the gateway closed it, and the client saw the
+    connection dropped without an answer. The gateway now keeps idle connections 75 s."""
+    gaps = [4.9 + i * 0.01 for i in range(20)]
+
+    async def probe() -> list[str]:
+        key = gw.key("default")
+        return await asyncio.gather(*(post_again_after(gw.url, key, g) for g in gaps))
+
+    assert asyncio.run(probe()) == ["HTTP/1.1 200 OK"] * len(gaps)

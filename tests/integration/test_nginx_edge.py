@@ -1,6 +1,7 @@
 """Through the real NGINX to the real proxy to the fake engine: what the public edge guarantees."""
 
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from tests.integration.nginx_stack import SECURITY_HEADERS, render, serving
+from tests.integration.proxy_stack import gateway
 from tests.servers import free_port
 
 SHORT_TIMEOUT_S = 2
@@ -199,21 +201,64 @@ def test_unknown_path_is_404_json_without_reaching_the_proxy(client, edge):
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "allow"),
     [
-        ("GET", CHAT),
-        ("PUT", "/v1/completions"),
-        ("DELETE", "/v1/models"),
-        ("POST", "/health"),
-        ("OPTIONS", CHAT),
-        ("TRACE", "/health"),
+        ("GET", CHAT, "POST"),
+        ("PUT", "/v1/completions", "POST"),
+        ("DELETE", "/v1/models", "GET"),
+        ("DELETE", "/v1/models/fake-model", "GET"),
+        ("POST", "/health", "GET"),
+        ("GET", "/tokenize", "POST"),
+        ("OPTIONS", CHAT, "POST"),
+        ("TRACE", "/health", "GET"),
+        ("POST", "/metrics", "GET"),
     ],
 )
-def test_methods_the_api_does_not_use_get_405_json(client, method, path):
+def test_methods_the_api_does_not_use_get_405_json_with_allow(client, method, path, allow):
     response = client.request(method, path)
     error = assert_openai_error(response, 405)
     assert error["code"] == "method_not_allowed"
+    assert response.headers["allow"] == allow
     assert_security_headers(response)
+    # No CORS unless an operator names origins.
+    assert "access-control-allow-origin" not in response.headers
+    assert "vary" not in response.headers
+
+
+# Request ids
+
+
+def gateway_log_ids(gw) -> list[str]:
+    return [json.loads(line)["request_id"] for line in gw.log.read_text().splitlines()
+            if line.startswith('{"request_id"')]
+
+
+def test_client_request_id_is_kept_end_to_end(client, edge, gw, fake):
+    sent = "client-trace.42:abc"
+    response = client.post(CHAT, json=chat_body(), headers={**gw.headers(), "X-Request-Id": sent})
+    assert response.status_code == 200
+    assert response.headers.get_list("x-request-id") == [sent]
+    assert fake.stats()["last_headers"]["x-request-id"] == sent
+    assert [e["request_id"] for e in edge.log_entries() if e["request_id"] == sent] == [sent]
+    assert sent in gateway_log_ids(gw)
+
+
+@pytest.mark.parametrize("sent", [None, "has spaces", "x" * 129, "quote\"d"])
+def test_missing_or_unsafe_request_id_is_replaced_by_nginx_once(client, edge, gw, sent):
+    headers = gw.headers() | ({"X-Request-Id": sent} if sent else {})
+    response = client.get("/v1/models", headers=headers)
+    assert response.status_code == 200
+    [given] = response.headers.get_list("x-request-id")
+    assert re.fullmatch(r"[0-9a-f]{32}", given)
+    assert any(e["request_id"] == given for e in edge.log_entries())
+    assert given in gateway_log_ids(gw)
+
+
+def test_nginx_own_errors_carry_the_request_id(client, edge):
+    response = client.get("/nowhere", headers={"X-Request-Id": "lost-42"})
+    assert response.status_code == 404
+    assert response.headers["x-request-id"] == "lost-42"
+    assert any(e["request_id"] == "lost-42" and e["status"] == 404 for e in edge.log_entries())
 
 
 def test_metrics_from_loopback_reaches_the_proxy(client):
@@ -415,3 +460,91 @@ def test_upstream_connections_are_pooled(fake, tmp_path):
             assert response.status_code == 200
         assert nginx_connections_to(port) == 1
     assert "connection" not in fake.stats()["last_headers"]
+
+
+# Browsers (CORS)
+
+APP_ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture(scope="module")
+def cors_client(gw, tmp_path_factory):
+    site = render(tmp_path_factory.mktemp("cors"), hostport(gw.url),
+                  cors_origins=f"{APP_ORIGIN}, http://localhost:3000")
+    with serving(site), httpx.Client(base_url=site.https, verify=site.trust()) as c:
+        c.site = site
+        yield c
+
+
+def preflight(client, path: str, origin: str, method: str = "POST") -> httpx.Response:
+    """What a browser sends before a cross-origin POST with a key and a JSON body."""
+    return client.options(path, headers={
+        "Origin": origin,
+        "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    })
+
+
+@pytest.mark.parametrize(("path", "method"), [(CHAT, "POST"), ("/v1/models", "GET"),
+                                              ("/v1/responses", "POST"), ("/tokenize", "POST")])
+def test_preflight_from_an_allowed_origin_is_answered_at_the_edge(cors_client, path, method):
+    response = preflight(cors_client, path, APP_ORIGIN, method)
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert method in response.headers["access-control-allow-methods"]
+    assert response.headers["access-control-allow-headers"] == (
+        "authorization, content-type, x-stainless-os")
+    assert int(response.headers["access-control-max-age"]) > 0
+    assert response.headers["vary"] == "Origin"
+    assert_security_headers(response)
+    entries = [e for e in cors_client.site.log_entries() if e["method"] == "OPTIONS"]
+    assert entries and all(e["upstream_status"] == "" for e in entries)
+
+
+def test_preflight_from_another_origin_is_refused(cors_client):
+    response = preflight(cors_client, CHAT, "https://evil.example.net")
+    assert_openai_error(response, 405)
+    assert "access-control-allow-origin" not in response.headers
+    assert response.headers["vary"] == "Origin"
+
+
+def test_cross_origin_request_gets_the_origin_and_exposed_headers(cors_client, gw):
+    response = cors_client.post(CHAT, json=chat_body(),
+                                headers={**gw.headers(), "Origin": "http://localhost:3000"})
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+    assert "access-control-allow-methods" not in response.headers
+    refused = cors_client.get("/v1/models", headers={"Origin": APP_ORIGIN})
+    assert refused.status_code == 401  # CORS opens the door to browsers, not to the API
+    assert refused.headers["access-control-allow-origin"] == APP_ORIGIN
+
+
+def test_without_cors_origins_a_preflight_gets_405(client):
+    response = preflight(client, CHAT, APP_ORIGIN)
+    assert_openai_error(response, 405)
+    assert "access-control-allow-origin" not in response.headers
+
+
+def nginx_upstream_ports(port: int) -> set[str]:
+    """NGINX's local ports on its connections to ``port``: the same port is the same connection."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return {line.split()[2].rsplit(":", 1)[1] for line in out.splitlines() if '"nginx"' in line}
+
+
+def test_post_after_an_idle_pause_reuses_the_upstream_connection(fake, tmp_path):
+    """uvicorn's default keep-alive (5 s) closed NGINX's idle connections while NGINX kept them
+    for 60 s, so a POST sent as the gateway closed one got a 502. The gateway now keeps them
+    longer than NGINX does: after a pause past the old 5 s the same connection carries on."""
+    with gateway(fake.url, tmp_path) as gw:  # of its own: no other NGINX holds connections to it
+        site = render(tmp_path, hostport(gw.url))
+        port = int(gw.url.rsplit(":", 1)[1])
+        with serving(site), httpx.Client(base_url=site.https, verify=site.trust()) as c:
+            assert c.post(CHAT, json=chat_body(), headers=gw.headers()).status_code == 200
+            before = nginx_upstream_ports(port)
+            time.sleep(5.5)
+            assert c.post(CHAT, json=chat_body(), headers=gw.headers()).status_code == 200
+            assert len(before) == 1 and nginx_upstream_ports(port) == before

@@ -265,3 +265,35 @@ def test_cli_show(tmp_path, capsys):
 def test_cli_update_needs_an_earlier_render(tmp_path, capsys):
     assert render_site.main(["--out-dir", str(tmp_path), "--update", "--http-port", "81"]) == 2
     assert "nothing rendered" in capsys.readouterr().err
+
+
+def test_cors_is_off_by_default_and_renders_each_named_origin():
+    text = site()
+    assert '$http_origin;' not in text.split("$appliance_cors_origin {", 1)[1].split("}", 1)[0]
+    named = site(SiteParams(cors_origins="https://app.example.com, http://localhost:3000"))
+    assert '"https://app.example.com" $http_origin;' in named
+    assert '"http://localhost:3000" $http_origin;' in named
+    assert 'default "Origin";' in named
+    assert '"~." $http_origin;' in site(SiteParams(cors_origins="*"))
+
+
+@pytest.mark.parametrize("origin", ["app.example.com", "https://app.example.com/path",
+                                    "https://x.example.com;", 'https://"a"', "ftp://a.b"])
+def test_bad_cors_origins_are_refused(origin):
+    assert any("CORS origin" in p for p in render_site.problems(SiteParams(cors_origins=origin)))
+
+
+def test_cors_origins_come_from_the_environment_unless_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("APPLIANCE_CORS_ORIGINS", "https://env.example.com")
+    assert render_site.main(["--out-dir", str(tmp_path)]) == 0
+    assert render_site.load_params(tmp_path).cors_origins == "https://env.example.com"
+    assert render_site.main(["--out-dir", str(tmp_path), "--cors-origins", ""]) == 0
+    assert render_site.load_params(tmp_path).cors_origins == ""
+
+
+def test_nginx_drops_idle_upstream_connections_before_the_gateway_does():
+    """The server side of a kept-alive connection must outlast its client's idea of it."""
+    upstream = re.search(r"upstream appliance_gateway \{([^}]*)\}", site()).group(1)
+    nginx_idle_s = int(re.search(r"keepalive_timeout (\d+)s;", upstream).group(1))
+    gateway_idle_s = ProxySettings(_env_file=None).proxy_keepalive_s
+    assert nginx_idle_s + 10 <= gateway_idle_s

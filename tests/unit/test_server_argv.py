@@ -123,3 +123,27 @@ def test_cpu_thread_binding(cpus, ranks, expected):
 def test_cpu_thread_binding_needs_a_core_per_rank():
     with pytest.raises(ValueError):
         cpu_thread_binding((0,), 2)
+
+
+def test_parsers_chosen_from_the_model_reach_vllm():
+    settings = EngineSettings(_env_file=None, model="/models/m")
+    info = ModelInfo(Path("/models/m"), 4, 2, 2048, 10, ("Qwen3ForCausalLM",),
+                     "<tool_call></tool_call><think></think>")
+    argv = engine_argv(plan_engine(settings, [], "cpu", info, (0,)), PYTHON)
+    assert "--enable-auto-tool-choice" in argv
+    assert option(argv, "--tool-call-parser") == "hermes"
+    assert option(argv, "--reasoning-parser") == "qwen3"
+
+
+def test_no_parser_flags_for_a_model_without_tool_markup_or_when_off():
+    argv = engine_argv(plan_for("gpu"), PYTHON)
+    assert "--enable-auto-tool-choice" not in argv and "--reasoning-parser" not in argv
+    off = engine_argv(plan_for("gpu", tool_call_parser="none", reasoning_parser="none"), PYTHON)
+    assert "--tool-call-parser" not in off and "--reasoning-parser" not in off
+    forced = engine_argv(plan_for("gpu", tool_call_parser="pythonic"), PYTHON)
+    assert option(forced, "--tool-call-parser") == "pythonic"
+
+
+def test_parser_setting_must_be_one_name():
+    with pytest.raises(ValueError):
+        EngineSettings(_env_file=None, tool_call_parser="hermes --api-key x")
