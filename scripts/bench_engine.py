@@ -94,6 +94,16 @@ def summarize(rounds: list[dict]) -> dict:
     }
 
 
+def core_split(split: bool, ranks: int = 1) -> tuple[list[int], list[int]]:
+    """(vLLM's CPUs, the gateway's and the load's): the first half and the rest when ``split``,
+    as on a GPU host where vLLM's CPU work does not starve the gateway; else all CPUs for both."""
+    all_cpus = sorted(os.sched_getaffinity(0))
+    if not split or len(all_cpus) < 2:
+        return all_cpus, all_cpus
+    half = max(ranks, len(all_cpus) // 2)
+    return all_cpus[:half], all_cpus[half:]
+
+
 class RssSampler:
     """Peak of the summed resident memory of a process and its descendants."""
 
@@ -125,11 +135,7 @@ def main() -> None:
                         help="vLLM on the first half of the CPUs, the proxy and the load on the "
                         "rest, as on a GPU host where vLLM's CPU work does not starve the proxy")
     args = parser.parse_args()
-    all_cpus = sorted(os.sched_getaffinity(0))
-    engine_cpus, other_cpus = all_cpus, all_cpus
-    if args.split_cores and len(all_cpus) >= 2:
-        half = max(args.tensor_parallel_size, len(all_cpus) // 2)
-        engine_cpus, other_cpus = all_cpus[:half], all_cpus[half:]
+    engine_cpus, other_cpus = core_split(args.split_cores, args.tensor_parallel_size)
 
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         work = Path(tmp)

@@ -15,11 +15,13 @@ results/bench_fairness.csv.
 
     .venv/bin/python scripts/bench_fairness.py [--duration 30] [--flood 48] [--batch 8]
     .venv/bin/python scripts/bench_fairness.py --quick
+    .venv/bin/python scripts/bench_fairness.py --engine-concurrency 1000   # no fair admission
 """
 
 import argparse
 import asyncio
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from scripts.bench_compare import machine  # noqa: E402
+from scripts.bench_engine import core_split  # noqa: E402
 from scripts.bench_proxy import percentile, write_csv  # noqa: E402
 from tests.e2e.engine_stack import engine, make_tiny_model  # noqa: E402
 from tests.e2e.noisy_neighbour import (  # noqa: E402
@@ -154,23 +157,28 @@ def run(args) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
         work = Path(tmp)
         model = make_tiny_model(work / "model")
-        with (
-            engine(model, work / "engine", max_num_seqs=args.batch) as vllm,
-            gateway(vllm.url, work, engine_api_key=vllm.key, max_num_seqs=args.batch,
-                    **gateway_admission(args)) as gw,
-        ):
-            targets = {
-                "direct": (vllm.url, vllm.key, vllm.key),
-                "gateway": (gw.url, gw.key("noisy"), gw.key("quiet")),
-            }
-            rounds: dict[str, list[dict]] = {name: [] for name in targets}
-            for i in range(args.rounds):  # alternating, so drift hits both alike
-                for name in targets if i % 2 == 0 else reversed(targets):
-                    print(f"round {i + 1}: {name}", flush=True)
-                    rounds[name].append(asyncio.run(noisy_neighbour(*targets[name], args)))
-                    if name == "gateway":
-                        rounds[name][-1]["queue_waits"] = queue_waits(gw.url)
-                    vllm.wait_idle()
+        engine_cpus, other_cpus = core_split(args.split_cores)
+        os.sched_setaffinity(0, engine_cpus)  # vLLM inherits it and binds its threads there
+        with engine(model, work / "engine", max_num_seqs=args.batch) as vllm:
+            os.sched_setaffinity(0, other_cpus)  # the gateway and this load generator
+            with gateway(vllm.url, work, engine_api_key=vllm.key, max_num_seqs=args.batch,
+                         **gateway_admission(args)) as gw:
+                return measure(args, vllm, gw)
+
+
+def measure(args, vllm, gw) -> dict[str, dict]:
+    targets = {
+        "direct": (vllm.url, vllm.key, vllm.key),
+        "gateway": (gw.url, gw.key("noisy"), gw.key("quiet")),
+    }
+    rounds: dict[str, list[dict]] = {name: [] for name in targets}
+    for i in range(args.rounds):  # alternating, so drift hits both alike
+        for name in targets if i % 2 == 0 else reversed(targets):
+            print(f"round {i + 1}: {name}", flush=True)
+            rounds[name].append(asyncio.run(noisy_neighbour(*targets[name], args)))
+            if name == "gateway":
+                rounds[name][-1]["queue_waits"] = queue_waits(gw.url)
+            vllm.wait_idle()
     return {name: summarize(r) for name, r in rounds.items()}
 
 
@@ -184,6 +192,7 @@ def report(args, results: dict[str, dict]) -> list[dict]:
         f"round(s) per target"
         + (f"; gateway engine concurrency {args.engine_concurrency}"
            if args.engine_concurrency is not None else "")
+        + ("; vLLM and gateway+load on separate cores" if args.split_cores else "")
         + f"; {machine()}; {stamp}"
     )
     print(f"{'':20}{'direct':>12}{'gateway':>12}{'gateway/direct':>16}{'target':>10}")
@@ -238,6 +247,9 @@ def main() -> None:
     parser.add_argument("--engine-concurrency", type=int,
                         help="the gateway's APPLIANCE_ENGINE_CONCURRENCY (default: the batch); "
                         "1000 lets every request through, first come, first served")
+    parser.add_argument("--split-cores", action="store_true",
+                        help="vLLM on the first half of the CPUs, the gateway and the load on "
+                        "the rest, as on a GPU host where vLLM's CPU work does not starve them")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measurements per target, in alternating order")
     parser.add_argument("--quick", action="store_true",
