@@ -100,6 +100,7 @@ def test_routes_that_generate_nothing_never_wait(two_slots):
 def test_time_in_the_queue_counts_against_the_first_token_deadline(fake, tmp_path):
     with gateway(fake.url, tmp_path, engine_concurrency=1, stream_first_token_timeout_s=1
                  ) as p:
+        p.key("noisy"), p.key("quiet")  # made first: the CLI is slow on a loaded machine
         results: list = []
         started = fake.stats()["started"]
         holder = post_in_background(p, "noisy", {**SLOW, "max_tokens": 6, "fake": {
@@ -115,6 +116,7 @@ def test_time_in_the_queue_counts_against_the_first_token_deadline(fake, tmp_pat
 def test_the_memory_guard_refuses_only_when_keys_together_fill_it(fake, tmp_path):
     with gateway(fake.url, tmp_path, engine_concurrency=1, max_queued_per_key=1,
                  max_inflight=3) as p:
+        p.key("a"), p.key("b"), p.key("c")
         results: list = []
         threads = [post_in_background(p, "a", SLOW, results) for _ in range(2)]
         wait_for(lambda: metric(p, 'appliance_queue_depth{key="a"}') == 1)
@@ -140,6 +142,7 @@ def test_a_memory_guard_one_key_could_fill_is_refused_at_start(fake, tmp_path):
 def test_max_concurrent_holds_a_key_to_its_slots_while_others_use_the_rest(fake, tmp_path):
     with gateway(fake.url, tmp_path, engine_concurrency=4) as p:
         p.key("capped", "--max-concurrent", "1")
+        p.key("other")
         results: list = []
         threads = [post_in_background(p, "capped", SLOW, results) for _ in range(3)]
         wait_for(lambda: metric(p, 'appliance_queue_depth{key="capped"}') == 2)
