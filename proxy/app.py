@@ -6,6 +6,7 @@
 """
 
 import contextlib
+import functools
 import ipaddress
 import json
 import re
@@ -24,7 +25,7 @@ from .drain import Drain
 from .errors import ProxyError
 from .forward import Forwarder
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
-from .keys import KeyStore
+from .keys import open_store
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
@@ -122,12 +123,14 @@ class Appliance:
 
 def create_app(settings: ProxySettings) -> Appliance:
     metrics = Metrics()
-    # The store is created (schema, WAL) before serving so the CLI and proxy agree on it.
-    KeyStore(settings.keys_db).close()
-    auth = Authenticator(settings.keys_db, settings.key_cache_ttl_s)
+    # The store is created (schema, WAL) or upgraded before serving so CLI and proxy agree on it.
+    open_store(settings.keys_location, pool_size=1).close()
+    store = functools.partial(open_store, settings.keys_location, create=False,
+                              pool_size=settings.keys_pool_size)
+    auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
     forwarder = Forwarder(settings.engine_url, settings.engine_api_key,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
-    ledger = Ledger(settings.keys_db, settings.usage_flush_interval_s, metrics)
+    ledger = Ledger(store, settings.usage_flush_interval_s, metrics)
     queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
                       metrics.admission_observer())
     metrics.engine_slots.set(settings.engine_concurrency)

@@ -32,7 +32,12 @@ class ProxySettings(BaseSettings):
     engine_api_key: str = ""
     """The engine's internal key (vLLM ``--api-key``), sent in place of the client's key."""
     keys_db: Path = Path("/var/lib/appliance/keys.db")
-    """SQLite file holding API key hashes, limits and usage."""
+    """SQLite file holding API key hashes, limits and usage (when ``keys_url`` is empty)."""
+    keys_url: str = ""
+    """``postgresql://user:password@host/db`` puts keys, usage and quotas in PostgreSQL, shared
+    by every appliance behind one load balancer; empty keeps them in ``keys_db``."""
+    keys_pool_size: int = Field(8, ge=1)
+    """PostgreSQL connections each gateway keeps, per pool (key lookups, usage writes)."""
 
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -84,6 +89,10 @@ class ProxySettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``APPLIANCE_DEFAULT_MAX_TOKENS=`` in the env file means no default."""
         return None if value == "" else value
+
+    @property
+    def keys_location(self) -> str | Path:
+        return self.keys_url or self.keys_db
 
     @model_validator(mode="after")
     def _size_admission(self) -> "ProxySettings":

@@ -1,0 +1,156 @@
+"""Fleet mode: two gateways in front of one engine share keys and usage in a real PostgreSQL.
+
+PostgreSQL comes from Debian's package, runs on loopback on a free port, and each test gets a
+database of its own. The gateways are real ``appliance-proxy`` processes; keys are made with
+the real ``appliance-keys`` against the same URL.
+"""
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from proxy.keys_postgres import SCHEMA_VERSION, PostgresKeyStore, schema_version
+from tests.integration.proxy_stack import gateway, keys_cli, make_key
+from tests.integration.test_gateway import CHAT, error_of, wait_for
+from tests.stores import postgres
+
+
+@pytest.fixture(scope="module")
+def pg():
+    with postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def keys_url(pg):
+    return pg.new_database()
+
+
+@pytest.fixture
+def pair(fake, tmp_path, keys_url):
+    """Two gateways, as two appliances behind one load balancer, sharing one key store."""
+    with gateway(fake.url, tmp_path, keys_url=keys_url) as a, \
+            gateway(fake.url, tmp_path, keys_url=keys_url) as b:
+        yield a, b
+
+
+def chat(p, secret: str, **extra) -> httpx.Response:
+    return httpx.post(p.url + "/v1/chat/completions", json={**CHAT, **extra}, timeout=30,
+                      headers={"Authorization": f"Bearer {secret}"})
+
+
+def usage_of(url: str, name: str) -> list[int]:
+    out = keys_cli(url, "usage", name)
+    assert out.returncode == 0, out.stderr
+    return [int(x) for x in out.stdout.splitlines()[-1].split()[1:4]]
+
+
+def test_appliance_keys_manages_keys_in_postgres(keys_url):
+    secret = make_key(keys_url, "alice", "--rpm", "10", "--quota-tokens", "500")
+    assert secret.startswith("sk-app-")
+    assert keys_cli(keys_url, "update", "alice", "--tpm", "900").returncode == 0
+    shown = keys_cli(keys_url, "show", "alice").stdout
+    assert "rpm:                10" in shown and "tpm:                900" in shown
+    assert "500 tokens per month" in shown
+    assert "alice" in keys_cli(keys_url, "list").stdout
+    again = keys_cli(keys_url, "create", "--name", "alice")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert keys_cli(keys_url, "revoke", "alice").returncode == 0
+    assert "revoked" in keys_cli(keys_url, "list").stdout
+    assert secret not in keys_cli(keys_url, "list").stdout
+
+
+def test_schema_upgrade_runs_once_when_appliances_start_together(keys_url):
+    with ThreadPoolExecutor(8) as pool:
+        stores = list(pool.map(lambda _: PostgresKeyStore(keys_url, pool_size=1), range(8)))
+    store = stores[0]
+    with store.connection() as conn:
+        assert schema_version(conn) == SCHEMA_VERSION
+        assert conn.execute("SELECT count(*) FROM appliance_schema").fetchone()[0] == 1
+    store.create("bob")
+    for s in stores:
+        s.close()
+    reopened = PostgresKeyStore(keys_url)
+    assert [k.name for k in reopened.all_keys()] == ["bob"]
+    reopened.close()
+
+
+def test_a_key_made_once_works_on_both_gateways(pair):
+    a, b = pair
+    secret = make_key(a.db, "shared")
+    assert chat(a, secret).status_code == 200
+    assert chat(b, secret).status_code == 200
+
+
+def test_a_revoke_is_refused_by_both_gateways_within_a_second(pair):
+    a, b = pair
+    secret = make_key(a.db, "leaving")
+    assert chat(a, secret).status_code == 200 and chat(b, secret).status_code == 200
+    assert keys_cli(a.db, "revoke", "leaving").returncode == 0
+    revoked_at = time.monotonic()
+    refused: dict[str, float] = {}
+    while len(refused) < 2 and time.monotonic() - revoked_at < 5:
+        for p in (a, b):
+            if p.url not in refused and chat(p, secret).status_code == 401:
+                refused[p.url] = time.monotonic() - revoked_at
+    print(f"revoke refused after {sorted(round(s, 3) for s in refused.values())} s")
+    assert len(refused) == 2 and max(refused.values()) <= 1.0
+
+
+def test_usage_adds_up_exactly_across_gateways(pair):
+    a = pair[0]
+    secret = make_key(a.db, "metered")
+    gateways = itertools.cycle(pair)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: chat(next(gateways), secret, max_tokens=1 + n % 5),
+                                range(60)))
+    assert all(r.status_code == 200 for r in answers)
+    prompt = sum(r.json()["usage"]["prompt_tokens"] for r in answers)
+    completion = sum(r.json()["usage"]["completion_tokens"] for r in answers)
+    wait_for(lambda: usage_of(a.db, "metered") == [60, prompt, completion])
+
+
+def test_postgres_down_fails_keys_closed_and_loses_no_usage(pg, pair):
+    """Mid-load the store goes away: 503 for keys it must look up, the gateways stay up, and
+    every answered request is in the store once it is back."""
+    a, b = pair
+    secret = make_key(a.db, "steady")
+    statuses: list[tuple[int, str | None]] = []
+    tokens = [0, 0]
+    stop = threading.Event()
+
+    def load(p) -> None:
+        while not stop.is_set():
+            r = chat(p, secret)
+            code = error_of(r)["code"] if r.status_code != 200 else None
+            statuses.append((r.status_code, code))
+            if r.status_code == 200:
+                tokens[0] += r.json()["usage"]["prompt_tokens"]
+                tokens[1] += r.json()["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(statuses) > 40, timeout=30)
+        pg.kill()
+        wait_for(lambda: sum(s == 503 for s, _ in statuses[-8:]) == 8, timeout=30)
+        for p in (a, b):
+            assert httpx.get(p.url + "/health").status_code == 200
+        pg.start()
+        seen = len(statuses)
+        wait_for(lambda: len(statuses) > seen + 8 and all(
+            s == 200 for s, _ in statuses[-8:]), timeout=60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    refused = [code for s, code in statuses if s != 200]
+    assert refused and set(refused) == {"key_store_unavailable"}
+    served = sum(s == 200 for s, _ in statuses)
+    print(f"{served} served, {len(refused)} refused with 503 while PostgreSQL was down")
+    wait_for(lambda: usage_of(a.db, "steady") == [served, *tokens], timeout=30)
