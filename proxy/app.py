@@ -121,6 +121,17 @@ class Appliance:
             accesslog.write(record, duration)
 
 
+def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
+    """This gateway's own limiter and quota book, or the fleet's in Redis (and its link)."""
+    if not settings.limits_url:
+        return RateLimiter(), QuotaBook(auth.period_usage), None
+    from .limits_redis import Link, SharedLimiter, SharedQuotaBook, connect
+
+    link = Link(connect(settings.limits_url, settings.limits_pool_size,
+                        settings.limits_timeout_s), metrics)
+    return SharedLimiter(link), SharedQuotaBook(link, auth.period_usage), link
+
+
 def create_app(settings: ProxySettings) -> Appliance:
     metrics = Metrics()
     # The store is created (schema, WAL) or upgraded before serving so CLI and proxy agree on it.
@@ -134,17 +145,22 @@ def create_app(settings: ProxySettings) -> Appliance:
     queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
                       metrics.admission_observer())
     metrics.engine_slots.set(settings.engine_concurrency)
-    quota = QuotaBook(auth.period_usage)
-    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics, queue, quota)
+    limiter, quota, shared = limits_for(settings, auth, metrics)
+    gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, queue, quota)
     drain = Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         ledger.start()
+        if shared is not None:
+            quota.start()
         await forwarder.engine_health()
         try:
             yield
         finally:
+            if shared is not None:
+                await quota.stop()
+                await shared.client.aclose()
             await ledger.stop()
             await forwarder.close()
             auth.close()

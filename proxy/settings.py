@@ -39,6 +39,14 @@ class ProxySettings(BaseSettings):
     keys_pool_size: int = Field(8, ge=1)
     """PostgreSQL connections each gateway keeps, per pool (key lookups, usage writes)."""
 
+    limits_url: str = ""
+    """``redis://host:6379/0`` keeps rate-limit buckets and quota counters in Redis, shared by
+    every gateway of a fleet; empty keeps them in this gateway's memory."""
+    limits_pool_size: int = Field(16, ge=1)
+    """Redis connections each gateway keeps."""
+    limits_timeout_s: PositiveFloat = 0.25
+    """The longest wait for Redis before a call counts as failed (see the README's fleet mode)."""
+
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
     proxy_keepalive_s: PositiveFloat = 75.0

@@ -1,8 +1,9 @@
-"""Fleet mode: two gateways in front of one engine share keys and usage in a real PostgreSQL.
+"""Fleet mode: two gateways in front of one engine share keys and usage in a real PostgreSQL,
+and rate limits and quotas in a real Redis.
 
-PostgreSQL comes from Debian's package, runs on loopback on a free port, and each test gets a
-database of its own. The gateways are real ``appliance-proxy`` processes; keys are made with
-the real ``appliance-keys`` against the same URL.
+Both come from Debian's packages and run on loopback on free ports; each test gets a database
+of its own and an empty Redis. The gateways are real ``appliance-proxy`` processes; keys are
+made with the real ``appliance-keys`` against the same URL.
 """
 
 import itertools
@@ -16,7 +17,7 @@ import pytest
 from proxy.keys_postgres import SCHEMA_VERSION, PostgresKeyStore, schema_version
 from tests.integration.proxy_stack import gateway, keys_cli, make_key
 from tests.integration.test_gateway import CHAT, error_of, wait_for
-from tests.stores import postgres
+from tests.stores import postgres, redis_server
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,21 @@ def pair(fake, tmp_path, keys_url):
     """Two gateways, as two appliances behind one load balancer, sharing one key store."""
     with gateway(fake.url, tmp_path, keys_url=keys_url) as a, \
             gateway(fake.url, tmp_path, keys_url=keys_url) as b:
+        yield a, b
+
+
+@pytest.fixture(scope="module")
+def redis_store():
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def shared(fake, tmp_path, keys_url, redis_store):
+    """Two gateways sharing keys in PostgreSQL and limits in Redis."""
+    redis_store.flush()
+    settings = {"keys_url": keys_url, "limits_url": redis_store.url}
+    with gateway(fake.url, tmp_path, **settings) as a, gateway(fake.url, tmp_path, **settings) as b:
         yield a, b
 
 
@@ -154,3 +170,97 @@ def test_postgres_down_fails_keys_closed_and_loses_no_usage(pg, pair):
     served = sum(s == 200 for s, _ in statuses)
     print(f"{served} served, {len(refused)} refused with 503 while PostgreSQL was down")
     wait_for(lambda: usage_of(a.db, "steady") == [served, *tokens], timeout=30)
+
+
+def metric(p, name: str) -> float:
+    for line in httpx.get(p.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def refilled(limit: int, since: float) -> int:
+    """Requests a per-minute bucket gives back between ``since`` and now."""
+    return int((time.monotonic() - since) * limit / 60)
+
+
+def test_a_key_with_rpm_10_gets_10_a_minute_across_both_gateways_not_20(shared):
+    a = shared[0]
+    secret = make_key(a.db, "ten", "--rpm", "10")
+    started = time.monotonic()
+    answers = [chat(p, secret) for p, _ in zip(itertools.cycle(shared), range(30), strict=False)]
+    served = sum(r.status_code == 200 for r in answers)
+    print(f"rpm 10 over two gateways: {served} of 30 served")
+    assert 10 <= served <= 10 + refilled(10, started)
+    refused = [r for r in answers if r.status_code != 200]
+    assert {error_of(r)["code"] for r in refused} == {"rate_limit_exceeded"}
+    assert {r.headers["x-ratelimit-limit-requests"] for r in answers} == {"10"}
+
+
+def test_a_quota_is_never_overshot_across_both_gateways(shared):
+    a, b = shared
+    quota = 400
+    secret = make_key(a.db, "capped", "--quota-tokens", str(quota))
+    spent: list[int] = []
+
+    def spend(p) -> None:
+        while True:
+            r = chat(p, secret)
+            if r.status_code != 200:
+                assert error_of(r)["code"] == "insufficient_quota"
+                return
+            spent.append(r.json()["usage"]["total_tokens"])
+
+    threads = [threading.Thread(target=spend, args=(p,)) for p in (a, b, a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"quota {quota} over two gateways: {len(spent)} requests spent {sum(spent)} tokens")
+    assert 0 < sum(spent) <= quota
+    wait_for(lambda: sum(usage_of(a.db, "capped")[1:]) == sum(spent))
+
+
+def test_redis_down_keeps_serving_with_local_limits_and_quotas_fail_closed(shared, redis_store):
+    """Mid-load Redis dies: keys without a quota are served under each gateway's own limits,
+    keys with one get 503, and once Redis is back quotas are shared again from the store."""
+    a, b = shared
+    steady = make_key(a.db, "steady", "--rpm", "100000")
+    limited = make_key(a.db, "limited", "--rpm", "3")
+    paying = make_key(a.db, "paying", "--quota-tokens", "100000")
+    assert chat(a, paying).status_code == 200 and chat(b, paying).status_code == 200
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load(p) -> None:
+        while not stop.is_set():
+            statuses.append(chat(p, steady).status_code)
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in (a, b)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(statuses) > 20, timeout=30)
+        redis_store.kill()
+        down = len(statuses)
+        wait_for(lambda: all(metric(p, "appliance_limits_shared") == 0 for p in shared))
+        for p in shared:
+            r = chat(p, paying)
+            assert r.status_code == 503 and error_of(r)["code"] == "limits_store_unavailable"
+            assert httpx.get(p.url + "/health").status_code == 200
+        started = time.monotonic()
+        local = {p.url: sum(chat(p, limited).status_code == 200 for _ in range(6)) for p in shared}
+        print(f"rpm 3 while Redis is down, served per gateway: {sorted(local.values())}")
+        assert all(3 <= n <= 3 + refilled(3, started) for n in local.values())
+        wait_for(lambda: len(statuses) > down + 20, timeout=30)
+        redis_store.start()
+        wait_for(lambda: chat(a, paying).status_code == 200 and chat(b, paying).status_code == 200,
+                 timeout=30)
+        assert all(metric(p, "appliance_limits_shared") == 1 for p in shared)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    print(f"{len(statuses)} requests of a key without quota, {statuses.count(200)} served")
+    assert set(statuses) == {200}
+    wait_for(lambda: usage_of(a.db, "steady")[0] == len(statuses))
