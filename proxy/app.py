@@ -9,6 +9,7 @@ import contextlib
 import functools
 import ipaddress
 import json
+import logging
 import re
 import time
 import uuid
@@ -25,7 +26,7 @@ from .drain import Drain
 from .errors import ProxyError
 from .forward import Forwarder
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
-from .keys import open_store
+from .keys import StoreUnavailable, is_postgres, open_store
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
@@ -35,6 +36,7 @@ from .settings import ProxySettings
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/drain", "/docs", "/openapi.json"})
+log = logging.getLogger("appliance.proxy")
 KNOWN_ROUTES = OPS_ROUTES | GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize"}
 
 
@@ -121,6 +123,20 @@ class Appliance:
             accesslog.write(record, duration)
 
 
+def prepare_store(settings: ProxySettings) -> None:
+    """Create or upgrade the key store before serving, so the CLI and the proxy agree on it.
+
+    A shared database that is down at start is not fatal: the gateway comes up, keys fail
+    closed with 503, and the first lookup after it returns upgrades the schema if need be.
+    """
+    try:
+        open_store(settings.keys_location, pool_size=1).close()
+    except StoreUnavailable as exc:
+        if not is_postgres(settings.keys_location):
+            raise
+        log.error("key store unreachable at start; keys get 503 until it answers: %s", exc)
+
+
 def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
     """This gateway's own limiter and quota book, or the fleet's in Redis (and its link)."""
     if not settings.limits_url:
@@ -134,8 +150,7 @@ def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
 
 def create_app(settings: ProxySettings) -> Appliance:
     metrics = Metrics()
-    # The store is created (schema, WAL) or upgraded before serving so CLI and proxy agree on it.
-    open_store(settings.keys_location, pool_size=1).close()
+    prepare_store(settings)
     store = functools.partial(open_store, settings.keys_location, create=False,
                               pool_size=settings.keys_pool_size)
     auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)

@@ -28,6 +28,8 @@ def pg():
 
 @pytest.fixture
 def keys_url(pg):
+    if pg.proc.poll() is not None:  # a test that killed it failed before restarting it
+        pg.start()
     return pg.new_database()
 
 
@@ -48,6 +50,8 @@ def redis_store():
 @pytest.fixture
 def shared(fake, tmp_path, keys_url, redis_store):
     """Two gateways sharing keys in PostgreSQL and limits in Redis."""
+    if redis_store.proc.poll() is not None:
+        redis_store.start()
     redis_store.flush()
     settings = {"keys_url": keys_url, "limits_url": redis_store.url}
     with gateway(fake.url, tmp_path, **settings) as a, gateway(fake.url, tmp_path, **settings) as b:
@@ -264,3 +268,18 @@ def test_redis_down_keeps_serving_with_local_limits_and_quotas_fail_closed(share
     print(f"{len(statuses)} requests of a key without quota, {statuses.count(200)} served")
     assert set(statuses) == {200}
     wait_for(lambda: usage_of(a.db, "steady")[0] == len(statuses))
+
+
+def test_a_gateway_started_while_postgres_is_down_serves_once_it_is_back(pg, fake, tmp_path,
+                                                                        keys_url):
+    secret = make_key(keys_url, "early")
+    pg.kill()
+    try:
+        with gateway(fake.url, tmp_path, keys_url=keys_url) as p:
+            r = chat(p, secret)
+            assert r.status_code == 503 and error_of(r)["code"] == "key_store_unavailable"
+            pg.start()
+            wait_for(lambda: chat(p, secret).status_code == 200, timeout=30)
+    finally:
+        if pg.proc.poll() is not None:
+            pg.start()
