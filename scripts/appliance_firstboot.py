@@ -253,21 +253,35 @@ def ensure_self_signed(args: argparse.Namespace) -> None:
     log(f"made a self-signed certificate at {args.cert}")
 
 
-def ensure_admin_key(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+def admin_key_target(
+    settings: Mapping[str, str], state_dir: Path, name: str, instance_id: str | None
+) -> tuple[str, str]:
+    """(key store, key name) for this instance's admin key.
+
+    In a fleet (``APPLIANCE_KEYS_URL``) every instance shares the store, so each names its
+    admin key after itself rather than all racing for one name.
+    """
+    if settings.get("APPLIANCE_KEYS_URL"):
+        return settings["APPLIANCE_KEYS_URL"], f"{name}-{instance_id or 'unknown'}"
+    return settings.get("APPLIANCE_KEYS_DB") or str(state_dir / "keys.db"), name
+
+
+def ensure_admin_key(
+    args: argparse.Namespace, settings: Mapping[str, str], instance_id: str | None
+) -> None:
     """Create the first admin key once; its secret goes to a root-only file and nowhere else."""
     if args.admin_key_file.exists() and args.admin_key_file.read_text().strip():
         log(f"admin key file {args.admin_key_file} exists; keeping it")
         return
-    db = settings.get("APPLIANCE_KEYS_DB") or str(args.state_dir / "keys.db")
-    argv = as_service_user(
-        [args.keys_cmd, "--db", db, "create", "--name", args.admin_key_name], args.service_user
-    )
+    db, name = admin_key_target(settings, args.state_dir, args.admin_key_name, instance_id)
+    argv = as_service_user([args.keys_cmd, "--db", db, "create", "--name", name],
+                           args.service_user)
     done = run(argv)
     secret = done.stdout.strip()
     if done.returncode != 0 or not secret:
         raise RuntimeError(f"creating the admin key failed: {done.stderr.strip()}")
     write_private(args.admin_key_file, secret + "\n")
-    log(f"created API key {args.admin_key_name!r}; its secret is in {args.admin_key_file}")
+    log(f"created API key {name!r}; its secret is in {args.admin_key_file}")
 
 
 def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> bool:
@@ -409,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_cors(args, settings)
     try:
         ensure_self_signed(args)
-        ensure_admin_key(args, settings)
+        ensure_admin_key(args, settings, instance_id)
     except RuntimeError as exc:
         log(str(exc))
         return 1
