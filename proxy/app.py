@@ -175,7 +175,7 @@ def create_app(settings: ProxySettings) -> Appliance:
         finally:
             if shared is not None:
                 await quota.stop()
-                await shared.client.aclose()
+                await shared.client.aclose(close_connection_pool=True)
             await ledger.stop()
             await forwarder.close()
             auth.close()

@@ -44,9 +44,15 @@ def script(name: str) -> str:
 
 
 def connect(url: str, pool_size: int, timeout_s: float) -> aioredis.Redis:
-    """One client (a pool of ``pool_size`` connections); no retries: an error falls through."""
-    return aioredis.Redis.from_url(url, max_connections=pool_size, socket_timeout=timeout_s,
-                                   socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    """One client over ``pool_size`` connections; no retries: an error falls through.
+
+    A busy pool makes a call wait (up to ``timeout_s``) for a free connection rather than fail
+    at once, so a burst of requests is not mistaken for Redis being down.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size, timeout=timeout_s, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis(connection_pool=pool)
 
 
 class Link:

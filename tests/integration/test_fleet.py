@@ -283,3 +283,19 @@ def test_a_gateway_started_while_postgres_is_down_serves_once_it_is_back(pg, fak
     finally:
         if pg.proc.poll() is not None:
             pg.start()
+
+
+def test_a_burst_wider_than_the_redis_pool_waits_for_connections(fake, tmp_path, keys_url,
+                                                                 redis_store):
+    """More requests at once than pooled connections: they queue for one, none sees Redis as
+    down (a 503 for the quota key, or a fallback to local limits, would say it did)."""
+    if redis_store.proc.poll() is not None:
+        redis_store.start()
+    with gateway(fake.url, tmp_path, keys_url=keys_url, limits_url=redis_store.url,
+                 limits_pool_size=2) as p:
+        secret = make_key(keys_url, "bursty", "--rpm", "100000", "--quota-tokens", "10000000")
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda _: chat(p, secret), range(96)))
+        assert [r.status_code for r in answers] == [200] * 96
+        assert metric(p, "appliance_limits_store_errors_total") == 0
+        assert metric(p, "appliance_limits_shared") == 1
