@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psycopg
 import pytest
 
 from proxy.keys_postgres import SCHEMA_VERSION, PostgresKeyStore, schema_version
@@ -97,6 +98,25 @@ def test_schema_upgrade_runs_once_when_appliances_start_together(keys_url):
     reopened = PostgresKeyStore(keys_url)
     assert [k.name for k in reopened.all_keys()] == ["bob"]
     reopened.close()
+
+
+def test_a_failed_upgrade_step_leaves_the_schema_as_it_was(keys_url, monkeypatch):
+    from proxy import keys_postgres
+
+    PostgresKeyStore(keys_url).close()
+    broken = ("ALTER TABLE keys ADD COLUMN team text", "ALTER TABLE nowhere ADD COLUMN x int")
+    monkeypatch.setattr(keys_postgres, "MIGRATIONS", (*keys_postgres.MIGRATIONS, broken))
+    monkeypatch.setattr(keys_postgres, "SCHEMA_VERSION", len(keys_postgres.MIGRATIONS))
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        PostgresKeyStore(keys_url)
+    monkeypatch.undo()
+    store = PostgresKeyStore(keys_url)
+    with store.connection() as conn:
+        assert schema_version(conn) == SCHEMA_VERSION
+        columns = conn.execute("SELECT column_name FROM information_schema.columns"
+                               " WHERE table_name = 'keys'").fetchall()
+    assert ("team",) not in columns
+    store.close()
 
 
 def test_a_key_made_once_works_on_both_gateways(pair):
