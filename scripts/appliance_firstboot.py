@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import ipaddress
 import os
 import re
 import secrets
@@ -239,6 +240,37 @@ def as_service_user(argv: list[str], user: str) -> list[str]:
     return argv
 
 
+def cluster_firewall_rule(settings: Mapping[str, str]) -> list[str] | None:
+    """The ufw rule that lets the nodes of one multi-node model reach each other, if any.
+
+    Ray and NCCL use many ports between nodes, so a cluster opens to its own subnet
+    (``APPLIANCE_CLUSTER_CIDR``) rather than port by port; a single node opens nothing.
+    ValueError when the subnet is not one.
+    """
+    cidr = settings.get("APPLIANCE_CLUSTER_CIDR", "")
+    if not cidr or settings.get("APPLIANCE_NODE_ROLE", "single") == "single":
+        return None
+    network = ipaddress.ip_network(cidr, strict=False)
+    if not network.is_private:
+        raise ValueError(f"APPLIANCE_CLUSTER_CIDR={cidr} is not a private network")
+    return ["allow", "from", str(network), "comment", "appliance cluster (Ray, NCCL)"]
+
+
+def open_cluster_firewall(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+    try:
+        rule = cluster_firewall_rule(settings)
+    except ValueError as exc:
+        log(f"cluster firewall not opened: {exc}")
+        return
+    if rule is None:
+        return
+    done = run([args.ufw_cmd, *rule])
+    if done.returncode != 0:
+        log(f"opening the firewall to the cluster failed: {done.stderr.strip()[-300:]}")
+    else:
+        log(f"firewall open to the cluster's subnet {rule[2]}")
+
+
 def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
@@ -357,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(env_default("DEFAULTS_FILE", "/etc/appliance/image-defaults.env")),
         help="settings the image was built with (a pre-baked model); lowest precedence",
     )
+    p.add_argument("--ufw-cmd", default=env_default("UFW_CMD", "ufw"))
     p.add_argument(
         "--self-signed-cmd",
         default=env_default("SELF_SIGNED_CMD", f"{SCRIPTS_DIR}/make-self-signed.sh"),
@@ -424,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ensure_self_signed(args)
         ensure_admin_key(args, settings, instance_id)
+        open_cluster_firewall(args, settings)
     except RuntimeError as exc:
         log(str(exc))
         return 1
