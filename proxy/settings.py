@@ -103,6 +103,19 @@ class ProxySettings(BaseSettings):
         return self.keys_url or self.keys_db
 
     @model_validator(mode="after")
+    def _fleet_stores(self) -> "ProxySettings":
+        """Shared limits read quota accounts from the key store, which must be shared too."""
+        if self.limits_url and not self.keys_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("APPLIANCE_LIMITS_URL shares limits between gateways; set "
+                             "APPLIANCE_KEYS_URL to their shared postgresql:// key store too")
+        if self.keys_url and not self.keys_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("APPLIANCE_KEYS_URL must be a postgresql:// URL (a file goes in "
+                             "APPLIANCE_KEYS_DB)")
+        if self.limits_url and not self.limits_url.startswith(("redis://", "rediss://")):
+            raise ValueError("APPLIANCE_LIMITS_URL must be a redis:// or rediss:// URL")
+        return self
+
+    @model_validator(mode="after")
     def _size_admission(self) -> "ProxySettings":
         if self.engine_concurrency is None:
             self.engine_concurrency = self.max_num_seqs
