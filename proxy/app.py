@@ -6,8 +6,10 @@
 """
 
 import contextlib
+import functools
 import ipaddress
 import json
+import logging
 import re
 import time
 import uuid
@@ -24,7 +26,7 @@ from .drain import Drain
 from .errors import ProxyError
 from .forward import Forwarder
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
-from .keys import KeyStore
+from .keys import StoreUnavailable, is_postgres, open_store
 from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
@@ -34,6 +36,7 @@ from .settings import ProxySettings
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/drain", "/docs", "/openapi.json"})
+log = logging.getLogger("appliance.proxy")
 KNOWN_ROUTES = OPS_ROUTES | GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize"}
 
 
@@ -120,28 +123,59 @@ class Appliance:
             accesslog.write(record, duration)
 
 
+def prepare_store(settings: ProxySettings) -> None:
+    """Create or upgrade the key store before serving, so the CLI and the proxy agree on it.
+
+    A shared database that is down at start is not fatal: the gateway comes up, keys fail
+    closed with 503, and the first lookup after it returns upgrades the schema if need be.
+    """
+    try:
+        open_store(settings.keys_location, pool_size=1).close()
+    except StoreUnavailable as exc:
+        if not is_postgres(settings.keys_location):
+            raise
+        log.error("key store unreachable at start; keys get 503 until it answers: %s", exc)
+
+
+def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
+    """This gateway's own limiter and quota book, or the fleet's in Redis (and its link)."""
+    if not settings.limits_url:
+        return RateLimiter(), QuotaBook(auth.period_usage), None
+    from .limits_redis import Link, SharedLimiter, SharedQuotaBook, connect
+
+    link = Link(connect(settings.limits_url, settings.limits_pool_size,
+                        settings.limits_timeout_s), metrics)
+    return SharedLimiter(link), SharedQuotaBook(link, auth.period_usage), link
+
+
 def create_app(settings: ProxySettings) -> Appliance:
     metrics = Metrics()
-    # The store is created (schema, WAL) before serving so the CLI and proxy agree on it.
-    KeyStore(settings.keys_db).close()
-    auth = Authenticator(settings.keys_db, settings.key_cache_ttl_s)
+    prepare_store(settings)
+    store = functools.partial(open_store, settings.keys_location, create=False,
+                              pool_size=settings.keys_pool_size)
+    auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
     forwarder = Forwarder(settings.engine_url, settings.engine_api_key,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
-    ledger = Ledger(settings.keys_db, settings.usage_flush_interval_s, metrics)
+    ledger = Ledger(store, settings.usage_flush_interval_s, metrics)
     queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
                       metrics.admission_observer())
     metrics.engine_slots.set(settings.engine_concurrency)
-    quota = QuotaBook(auth.period_usage)
-    gateway = Gateway(settings, auth, forwarder, RateLimiter(), ledger, metrics, queue, quota)
+    limiter, quota, shared = limits_for(settings, auth, metrics)
+    gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, queue, quota)
     drain = Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         ledger.start()
+        if shared is not None:
+            quota.start()
         await forwarder.engine_health()
         try:
             yield
         finally:
+            if shared is not None:
+                await quota.stop()
+                await shared.client.aclose(close_connection_pool=True)
             await ledger.stop()
             await forwarder.close()
             auth.close()

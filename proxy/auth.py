@@ -7,7 +7,7 @@ Fails closed: a store that cannot answer means 503, never a guessed yes. Entries
 import asyncio
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 from .errors import ProxyError, unauthorized
 from .keys import Key, KeyStore, StoreUnavailable
@@ -27,8 +27,8 @@ def bearer_secret(header: bytes | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, path: Path, ttl: float) -> None:
-        self.path = path
+    def __init__(self, open_store: Callable[[], KeyStore], ttl: float) -> None:
+        self.open_store = open_store
         self.ttl = ttl
         self.cache: dict[str, tuple[Key | None, float]] = {}
         self.pending: dict[str, asyncio.Future] = {}
@@ -81,12 +81,12 @@ class Authenticator:
             return self._store().period_usage(name, period)
 
     def _store(self) -> KeyStore:
-        """The open store, reopened when the file was removed or replaced under it."""
+        """The open store, reopened when it went away (a SQLite file removed or replaced)."""
         if self.store is None or not self.store.still_there():
             if self.store is not None:
                 self.store.close()
                 self.store = None
-            self.store = KeyStore(self.path, busy_timeout_s=1.0, create=False)
+            self.store = self.open_store()
         return self.store
 
 

@@ -10,7 +10,6 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 from .keys import (
     PERIODS,
@@ -21,6 +20,7 @@ from .keys import (
     KeyStore,
     StoreUnavailable,
     UnknownKey,
+    open_store,
     period_end,
 )
 from .settings import load_settings
@@ -97,7 +97,8 @@ def add_settings(p: argparse.ArgumentParser, update: bool) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance-keys", description=__doc__.splitlines()[0])
-    p.add_argument("--db", type=Path, help="key store file (default: APPLIANCE_KEYS_DB)")
+    p.add_argument("--db", help="key store: a SQLite file or a postgresql:// URL (default: "
+                   "APPLIANCE_KEYS_URL, else APPLIANCE_KEYS_DB)")
     sub = p.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create a key and print its secret")
     create.add_argument("--name", required=True)
@@ -210,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "update" and not settings_given(args):
         p.error("update: give at least one setting to change")
-    path = args.db or load_settings().keys_db
+    location = args.db or load_settings().keys_location
     try:
-        store = KeyStore(path, create=args.command == "create")
+        store = open_store(location, create=args.command == "create", pool_size=1)
     except StoreUnavailable as exc:
         print(f"appliance-keys: {exc}", file=sys.stderr)
         return 1

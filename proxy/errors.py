@@ -72,6 +72,12 @@ def engine_unavailable(message: str) -> ProxyError:
     return ProxyError(503, message, "engine_unavailable", headers={"Retry-After": "5"})
 
 
+def limits_unavailable() -> ProxyError:
+    return ProxyError(503, "The shared limits store is unavailable, and this key has a quota; "
+                      "try again shortly.", "limits_store_unavailable",
+                      headers={"Retry-After": "1"})
+
+
 def model_not_found(model: str) -> ProxyError:
     """OpenAI's words: the same answer whether the model is missing or only not this key's."""
     return ProxyError(404, f"The model `{model}` does not exist or you do not have access to it.",

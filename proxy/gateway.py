@@ -25,7 +25,7 @@ from .body import (
     with_output_cap,
 )
 from .engine_errors import engine_error
-from .errors import ProxyError, engine_unavailable, invalid, model_not_found
+from .errors import ProxyError, engine_unavailable, invalid, limits_unavailable, model_not_found
 from .exchange import Exchange
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
 from .keys import Key, StoreUnavailable
@@ -33,7 +33,14 @@ from .ledger import Ledger
 from .limits import RateLimiter
 from .metrics import Metrics
 from .models import engine_route, is_models_route, models_answer
-from .quota import QuotaBook, QuotaExceeded, Reservation, reservation_for, retry_after_text
+from .quota import (
+    LimitsUnavailable,
+    QuotaBook,
+    QuotaExceeded,
+    Reservation,
+    reservation_for,
+    retry_after_text,
+)
 from .settings import ProxySettings
 from .timeouts import deadlines_for
 from .usage import TokenUsage, from_json_body
@@ -188,7 +195,7 @@ class Gateway:
         self.check_model(key, path, body)
 
         now = time.monotonic()
-        decision = self.limiter.admit(key.name, key.rpm, key.tpm, now)
+        decision = await self.limiter.admit(key.name, key.rpm, key.tpm, now)
         extra.extend(as_header_list(decision.headers))
         if not decision.allowed:
             self.metrics.rate_limited.labels(key.name, decision.reason).inc()
@@ -264,6 +271,9 @@ class Gateway:
             return await self.quota.reserve(key, tokens, time.time())
         except StoreUnavailable as exc:
             raise store_error(exc) from None
+        except LimitsUnavailable:
+            self.metrics.refused.labels(key.name, "limits_store").inc()
+            raise limits_unavailable() from None
         except QuotaExceeded as exc:
             self.metrics.refused.labels(key.name, "quota").inc()
             needed = "an unbounded number of" if tokens is None else f"up to {tokens}"

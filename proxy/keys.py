@@ -1,29 +1,24 @@
-"""The key store: API keys, their limits and their usage, in one SQLite file.
+"""The key store: API keys, their limits and their usage. What a key is, and one interface.
 
-The only SQL in the package. Only a SHA-256 hash of each secret is stored: secrets are 256
-random bits, so a fast hash is as safe as a slow one and keeps lookups cheap. WAL mode lets
-the proxy read while the CLI writes; every write is one transaction.
+Two backends implement ``KeyStore``, each the only SQL of its kind: ``keys_sqlite`` (one file,
+the single-box default) and ``keys_postgres`` (several appliances behind one load balancer
+share it). ``open_store`` picks one from ``APPLIANCE_KEYS_URL`` or the file path.
 
-The schema grows by numbered steps (``MIGRATIONS``); ``PRAGMA user_version`` says how many a
-file has had. Every opener brings the file up to date, each step in one write transaction that
-re-reads the version first, so concurrent openers apply each step exactly once. Steps only add
-columns and tables, so older code still reads a newer file (a rollback keeps working).
+Only a SHA-256 hash of each secret is stored: secrets are 256 random bits, so a fast hash is
+as safe as a slow one and keeps lookups cheap. Both schemas grow by numbered steps that only
+add columns and tables, so older code still reads a newer store (a rollback keeps working).
 """
 
-import contextlib
 import datetime
 import hashlib
-import hmac
 import json
 import math
-import os
 import re
 import secrets
-import sqlite3
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 SECRET_PREFIX = "sk-app-"
 PERIODS = ("day", "month")
@@ -190,274 +185,79 @@ def check_key_name(name: str) -> str:
     return name
 
 
-# Version 1: the schema before per-key tenancy controls (no user_version was set then).
-V1_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS keys (
-        name        TEXT PRIMARY KEY,
-        secret_hash BLOB NOT NULL UNIQUE,
-        hint        TEXT NOT NULL,
-        rpm         INTEGER,
-        tpm         INTEGER,
-        created_at  REAL NOT NULL,
-        expires_at  REAL,
-        revoked_at  REAL
-    )""",
-    """CREATE TABLE IF NOT EXISTS usage (
-        name              TEXT PRIMARY KEY,
-        requests          INTEGER NOT NULL DEFAULT 0,
-        prompt_tokens     INTEGER NOT NULL DEFAULT 0,
-        completion_tokens INTEGER NOT NULL DEFAULT 0,
-        updated_at        REAL
-    )""",
-)
-
-# Version 2: per-key concurrency, fair-share weight, allowed models, and a token quota per
-# calendar period, with usage kept per period ('2026-11-24' and '2026-11' rows for each key).
-V2_KEY_COLUMNS = {
-    "max_concurrent": "INTEGER CHECK (max_concurrent > 0)",
-    "weight": "REAL NOT NULL DEFAULT 1 CHECK (weight > 0)",
-    "models": "TEXT",
-    "quota_tokens": "INTEGER CHECK (quota_tokens > 0)",
-    "quota_period": "TEXT NOT NULL DEFAULT 'month' CHECK (quota_period IN ('day', 'month'))",
-}
-V2_PERIOD_USAGE = """CREATE TABLE IF NOT EXISTS period_usage (
-    name              TEXT NOT NULL,
-    period            TEXT NOT NULL,
-    requests          INTEGER NOT NULL DEFAULT 0,
-    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (name, period)
-)"""
-
-
-def _create_v1(db: sqlite3.Connection) -> None:
-    for statement in V1_SCHEMA:
-        db.execute(statement)
-
-
-def _add_tenancy(db: sqlite3.Connection) -> None:
-    present = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
-    for column, definition in V2_KEY_COLUMNS.items():
-        if column not in present:
-            db.execute(f"ALTER TABLE keys ADD COLUMN {column} {definition}")
-    db.execute(V2_PERIOD_USAGE)
-
-
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _add_tenancy)
-SCHEMA_VERSION = len(MIGRATIONS)
-
 KEY_FIELDS = ("name", "hint", "rpm", "tpm", "created_at", "expires_at", "revoked_at",
               "max_concurrent", "weight", "models", "quota_tokens", "quota_period")
 KEY_COLUMNS = ", ".join(KEY_FIELDS)
 
 
-def _key(row: tuple) -> Key:
+def key_from_row(row: Iterable) -> Key:
+    """A ``KEY_FIELDS`` row, as either backend returns it, -> Key."""
     *head, models, quota_tokens, quota_period = row
     allowed = None if models is None else frozenset(json.loads(models))
     return Key(*head, models=allowed, quota_tokens=quota_tokens, quota_period=quota_period)
 
 
-def schema_version(db: sqlite3.Connection) -> int:
-    return db.execute("PRAGMA user_version").fetchone()[0]
+def report_from_row(row: tuple, day: str, month: str) -> KeyReport:
+    """``KEY_FIELDS`` + (requests, prompt, completion, period tokens) -> KeyReport."""
+    key = key_from_row(row[:len(KEY_FIELDS)])
+    requests, prompt, completion, period_tokens = row[len(KEY_FIELDS):]
+    return KeyReport(key, Usage(key.name, requests, prompt, completion),
+                     day if key.quota_period == "day" else month, period_tokens)
 
 
-class KeyStore:
-    """One connection to the store; open one per thread that uses it."""
+class KeyStore(Protocol):
+    """What the gateway and ``appliance-keys`` ask of a key store, whichever backend holds it.
 
-    def __init__(self, path: Path, busy_timeout_s: float = 5.0, create: bool = True) -> None:
-        self.path = Path(path)
-        if not create and not self.path.exists():
-            raise StoreUnavailable(f"key store {self.path} does not exist")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.migrate()
-            if create:
-                os.chmod(self.path, 0o600)
-            self.inode = os.stat(self.path).st_ino
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnavailable(f"key store {self.path}: {exc}") from exc
+    Every method blocks (the gateway runs them in threads); a store that cannot answer raises
+    StoreUnavailable, and callers fail closed.
+    """
 
-    def migrate(self) -> None:
-        """Bring the file to ``SCHEMA_VERSION``: a read and nothing more when it is there."""
-        if schema_version(self.db) >= SCHEMA_VERSION:
-            return
-        for version, step in enumerate(MIGRATIONS, start=1):
-            with self.transaction():
-                if schema_version(self.db) < version:
-                    step(self.db)
-                    self.db.execute(f"PRAGMA user_version = {version}")
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One write transaction, taking the write lock at the start (no upgrade deadlocks)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-
-    def close(self) -> None:
-        self.db.close()
+    def close(self) -> None: ...
 
     def still_there(self) -> bool:
-        """False once the file was removed or replaced under an open connection."""
-        try:
-            return os.stat(self.path).st_ino == self.inode
-        except OSError:
-            return False
+        """False once the store went away under the open handle (reopen it)."""
+        ...
 
     def create(self, name: str, rpm: int | None = None, tpm: int | None = None,
-               expires_days: float | None = None, **settings: object) -> str:
-        """Add a key and return its secret: the only time the secret exists outside a client.
+               expires_days: float | None = None, **settings: object) -> str: ...
 
-        ``settings`` are any of max_concurrent, weight, models, quota_tokens, quota_period.
-        """
-        now = time.time()
-        columns = setting_columns(
-            {"rpm": rpm, "tpm": tpm, "expires_days": expires_days, **settings}, now)
-        secret = new_secret()
-        columns.update(name=check_key_name(name), secret_hash=hash_secret(secret),
-                       hint=secret[-4:], created_at=now)
-        try:
-            self.db.execute(
-                f"INSERT INTO keys ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                tuple(columns.values()),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise KeyExists(f"a key named {name!r} already exists") from exc
-        return secret
+    def update(self, name: str, **changes: object) -> Key: ...
 
-    def update(self, name: str, **changes: object) -> Key:
-        """Change settings of an unrevoked key; its usage is untouched. None clears a limit."""
-        columns = setting_columns(changes, time.time())
-        if not columns:
-            raise ValueError("nothing to change")
-        assignments = ", ".join(f"{column} = ?" for column in columns)
-        with self.transaction():
-            cur = self.db.execute(
-                f"UPDATE keys SET {assignments} WHERE name = ? AND revoked_at IS NULL",
-                (*columns.values(), name),
-            )
-            if cur.rowcount == 0:
-                raise UnknownKey(f"no active key named {name!r}")
-            return self.get(name)
+    def revoke(self, name: str) -> None: ...
 
-    def revoke(self, name: str) -> None:
-        cur = self.db.execute(
-            "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-            (time.time(), name),
-        )
-        if cur.rowcount == 0:
-            raise UnknownKey(f"no active key named {name!r}")
+    def get(self, name: str) -> Key: ...
 
-    def get(self, name: str) -> Key:
-        row = self.db.execute(f"SELECT {KEY_COLUMNS} FROM keys WHERE name = ?",
-                              (name,)).fetchone()
-        if row is None:
-            raise UnknownKey(f"no key named {name!r}")
-        return _key(row)
+    def all_keys(self) -> list[Key]: ...
 
-    def all_keys(self) -> list[Key]:
-        rows = self.db.execute(f"SELECT {KEY_COLUMNS} FROM keys ORDER BY created_at")
-        return [_key(row) for row in rows]
+    def lookup(self, secret: str) -> Key | None: ...
 
-    def lookup(self, secret: str) -> Key | None:
-        """The key for ``secret``, usable or not; None when no key has that secret."""
-        digest = hash_secret(secret)
-        try:
-            row = self.db.execute(
-                f"SELECT secret_hash, {KEY_COLUMNS} FROM keys WHERE secret_hash = ?",
-                (digest,),
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"key store: {exc}") from exc
-        if row is None or not hmac.compare_digest(row[0], digest):
-            return None
-        return _key(row[1:])
+    def add_usage(self, totals: Iterable[tuple[str, int, int, int]]) -> None: ...
 
-    def add_usage(self, totals: Iterable[tuple[str, int, int, int]]) -> None:
-        """Add (name, requests, prompt_tokens, completion_tokens) rows in one transaction.
+    def period_usage(self, name: str, period: str) -> int: ...
 
-        Each row also goes to the key's current day and month, so a quota reads the right
-        total whichever period the key has, and after its period is changed.
-        """
-        now = time.time()
-        rows = list(totals)
-        periods = [period_label(period, now) for period in PERIODS]
-        try:
-            with self.transaction():
-                self.db.executemany(
-                    "INSERT INTO usage (name, requests, prompt_tokens, completion_tokens,"
-                    " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
-                    " requests = requests + excluded.requests,"
-                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                    " completion_tokens = completion_tokens + excluded.completion_tokens,"
-                    " updated_at = excluded.updated_at",
-                    [(*row, now) for row in rows],
-                )
-                self.db.executemany(
-                    "INSERT INTO period_usage (name, period, requests, prompt_tokens,"
-                    " completion_tokens) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT(name, period) DO UPDATE SET"
-                    " requests = requests + excluded.requests,"
-                    " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                    " completion_tokens = completion_tokens + excluded.completion_tokens",
-                    [(name, period, *counts) for name, *counts in rows for period in periods],
-                )
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"key store: {exc}") from exc
+    def usage(self, name: str | None = None) -> list[Usage]: ...
 
-    def period_usage(self, name: str, period: str) -> int:
-        """Prompt + completion tokens ``name`` used in the period labelled ``period``."""
-        try:
-            row = self.db.execute(
-                "SELECT prompt_tokens + completion_tokens FROM period_usage"
-                " WHERE name = ? AND period = ?",
-                (name, period),
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"key store: {exc}") from exc
-        return row[0] if row else 0
+    def report(self, name: str, now: float | None = None) -> KeyReport: ...
 
-    def usage(self, name: str | None = None) -> list[Usage]:
-        return [report.total for report in self.reports(name)]
+    def reports(self, name: str | None = None, now: float | None = None) -> list[KeyReport]: ...
 
-    def report(self, name: str, now: float | None = None) -> KeyReport:
-        """One key's settings and usage (what ``appliance-keys show`` prints)."""
-        return self.reports(name, now)[0]
 
-    def reports(self, name: str | None = None, now: float | None = None) -> list[KeyReport]:
-        """Settings and usage of every key, or of ``name``; periods are those ``now`` is in."""
-        now = time.time() if now is None else now
-        day, month = period_label("day", now), period_label("month", now)
-        query = (
-            f"SELECT {', '.join('k.' + field for field in KEY_FIELDS)},"
-            " COALESCE(u.requests, 0), COALESCE(u.prompt_tokens, 0),"
-            " COALESCE(u.completion_tokens, 0),"
-            " COALESCE(p.prompt_tokens + p.completion_tokens, 0)"
-            " FROM keys k LEFT JOIN usage u ON u.name = k.name"
-            " LEFT JOIN period_usage p ON p.name = k.name"
-            " AND p.period = CASE k.quota_period WHEN 'day' THEN ? ELSE ? END"
-        )
-        args: tuple = (day, month)
-        if name is not None:
-            query += " WHERE k.name = ?"
-            args = (*args, name)
-        rows = self.db.execute(query + " ORDER BY k.created_at", args).fetchall()
-        if name is not None and not rows:
-            raise UnknownKey(f"no key named {name!r}")
-        reports = []
-        for row in rows:
-            key = _key(row[:len(KEY_FIELDS)])
-            requests, prompt, completion, period_tokens = row[len(KEY_FIELDS):]
-            reports.append(KeyReport(key, Usage(key.name, requests, prompt, completion),
-                                     day if key.quota_period == "day" else month,
-                                     period_tokens))
-        return reports
+def is_postgres(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(location: str | Path, create: bool = True, pool_size: int = 4,
+               timeout_s: float = 5.0) -> KeyStore:
+    """The store at ``location``: a ``postgresql://`` URL, else a SQLite file path.
+
+    ``create`` makes a missing SQLite file (PostgreSQL's database must exist; its tables are
+    made either way). ``timeout_s`` bounds a wait for a lock or a connection.
+    """
+    if is_postgres(location):
+        from .keys_postgres import PostgresKeyStore
+
+        return PostgresKeyStore(str(location), pool_size=pool_size, timeout_s=timeout_s)
+    from .keys_sqlite import SqliteKeyStore
+
+    path = str(location).removeprefix("sqlite://")
+    return SqliteKeyStore(Path(path), busy_timeout_s=timeout_s, create=create)

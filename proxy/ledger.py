@@ -8,7 +8,7 @@ and a metric and a log line report what is not yet saved.
 import asyncio
 import logging
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Callable
 
 from .keys import KeyStore, StoreUnavailable
 from .metrics import Metrics
@@ -17,8 +17,9 @@ log = logging.getLogger("appliance.proxy")
 
 
 class Ledger:
-    def __init__(self, path: Path, interval_s: float, metrics: Metrics) -> None:
-        self.path = path
+    def __init__(self, open_store: Callable[[], KeyStore], interval_s: float,
+                 metrics: Metrics) -> None:
+        self.open_store = open_store
         self.interval_s = interval_s
         self.metrics = metrics
         self.pending: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -74,5 +75,7 @@ class Ledger:
 
     def _write(self, rows: list[tuple[str, int, int, int]]) -> None:
         if self.store is None or not self.store.still_there():
-            self.store = KeyStore(self.path, create=False)
+            if self.store is not None:
+                self.store.close()
+            self.store = self.open_store()
         self.store.add_usage(rows)

@@ -63,18 +63,22 @@ class RateLimiter:
         kb.tokens = _resized(kb.tokens, tpm, now)
         return kb
 
-    def admit(self, name: str, rpm: int | None, tpm: int | None, now: float) -> Decision:
+    async def admit(self, name: str, rpm: int | None, tpm: int | None, now: float) -> Decision:
+        """The gateway's call; a fleet's SharedLimiter answers the same one from Redis."""
+        return self.decide(name, rpm, tpm, now)
+
+    def decide(self, name: str, rpm: int | None, tpm: int | None, now: float) -> Decision:
         kb = self._for(name, rpm, tpm, now)
         req, tok = kb.requests, kb.tokens
         if req is not None and req.level < 1:
             wait = req.seconds_until(1)
-            return Decision(False, _headers(req, tok), wait, "requests")
+            return Decision(False, headers_for(req, tok), wait, "requests")
         if tok is not None and tok.level <= 0:
             wait = tok.seconds_until(1)
-            return Decision(False, _headers(req, tok), wait, "tokens")
+            return Decision(False, headers_for(req, tok), wait, "tokens")
         if req is not None:
             req.level -= 1
-        return Decision(True, _headers(req, tok))
+        return Decision(True, headers_for(req, tok))
 
     def spend_tokens(self, name: str, tokens: int, now: float) -> None:
         kb = self.buckets.get(name)
@@ -96,7 +100,7 @@ def _resized(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | N
     return bucket
 
 
-def _headers(req: Bucket | None, tok: Bucket | None) -> dict[str, str]:
+def headers_for(req: Bucket | None, tok: Bucket | None) -> dict[str, str]:
     headers = {}
     if req is not None:
         headers["x-ratelimit-limit-requests"] = str(req.limit)

@@ -69,6 +69,13 @@ class Metrics:
                                    "Requests whose usage is not yet written to the key store.",
                                    registry=r)
 
+        self.limits_shared = Gauge("appliance_limits_shared",
+                                   "1 while rate limits and quotas are shared through the limits"
+                                   " store (APPLIANCE_LIMITS_URL); 0 while this gateway keeps"
+                                   " its own (none set, or the store unreachable).", registry=r)
+        self.limits_store_errors = Counter("appliance_limits_store_errors_total",
+                                           "Calls to the limits store that failed.", registry=r)
+
     def admission_observer(self) -> Observer:
         return Observer(depth=lambda key, n: self.queue_depth.labels(key).set(n),
                         waited=lambda key, s: self.queue_wait.labels(key).observe(s),

@@ -64,6 +64,13 @@ class Account:
 class Reservation:
     key: str
     tokens: int
+    period: str = ""
+    id: str = ""
+    """The period's label and the reservation's own name, where a shared book needs them."""
+
+
+class LimitsUnavailable(Exception):
+    """The shared limits store cannot answer: a key with a quota fails closed."""
 
 
 @dataclass

@@ -32,7 +32,20 @@ class ProxySettings(BaseSettings):
     engine_api_key: str = ""
     """The engine's internal key (vLLM ``--api-key``), sent in place of the client's key."""
     keys_db: Path = Path("/var/lib/appliance/keys.db")
-    """SQLite file holding API key hashes, limits and usage."""
+    """SQLite file holding API key hashes, limits and usage (when ``keys_url`` is empty)."""
+    keys_url: str = ""
+    """``postgresql://user:password@host/db`` puts keys, usage and quotas in PostgreSQL, shared
+    by every appliance behind one load balancer; empty keeps them in ``keys_db``."""
+    keys_pool_size: int = Field(8, ge=1)
+    """PostgreSQL connections each gateway keeps, per pool (key lookups, usage writes)."""
+
+    limits_url: str = ""
+    """``redis://host:6379/0`` keeps rate-limit buckets and quota counters in Redis, shared by
+    every gateway of a fleet; empty keeps them in this gateway's memory."""
+    limits_pool_size: int = Field(16, ge=1)
+    """Redis connections each gateway keeps."""
+    limits_timeout_s: PositiveFloat = 0.25
+    """The longest wait for Redis before a call counts as failed (see the README's fleet mode)."""
 
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
@@ -84,6 +97,23 @@ class ProxySettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``APPLIANCE_DEFAULT_MAX_TOKENS=`` in the env file means no default."""
         return None if value == "" else value
+
+    @property
+    def keys_location(self) -> str | Path:
+        return self.keys_url or self.keys_db
+
+    @model_validator(mode="after")
+    def _fleet_stores(self) -> "ProxySettings":
+        """Shared limits read quota accounts from the key store, which must be shared too."""
+        if self.limits_url and not self.keys_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("APPLIANCE_LIMITS_URL shares limits between gateways; set "
+                             "APPLIANCE_KEYS_URL to their shared postgresql:// key store too")
+        if self.keys_url and not self.keys_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("APPLIANCE_KEYS_URL must be a postgresql:// URL (a file goes in "
+                             "APPLIANCE_KEYS_DB)")
+        if self.limits_url and not self.limits_url.startswith(("redis://", "rediss://")):
+            raise ValueError("APPLIANCE_LIMITS_URL must be a redis:// or rediss:// URL")
+        return self
 
     @model_validator(mode="after")
     def _size_admission(self) -> "ProxySettings":

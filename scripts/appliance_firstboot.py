@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import ipaddress
 import os
 import re
 import secrets
@@ -239,6 +240,37 @@ def as_service_user(argv: list[str], user: str) -> list[str]:
     return argv
 
 
+def cluster_firewall_rule(settings: Mapping[str, str]) -> list[str] | None:
+    """The ufw rule that lets the nodes of one multi-node model reach each other, if any.
+
+    Ray and NCCL use many ports between nodes, so a cluster opens to its own subnet
+    (``APPLIANCE_CLUSTER_CIDR``) rather than port by port; a single node opens nothing.
+    ValueError when the subnet is not one.
+    """
+    cidr = settings.get("APPLIANCE_CLUSTER_CIDR", "")
+    if not cidr or settings.get("APPLIANCE_NODE_ROLE", "single") == "single":
+        return None
+    network = ipaddress.ip_network(cidr, strict=False)
+    if not network.is_private:
+        raise ValueError(f"APPLIANCE_CLUSTER_CIDR={cidr} is not a private network")
+    return ["allow", "from", str(network), "comment", "appliance cluster (Ray, NCCL)"]
+
+
+def open_cluster_firewall(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+    try:
+        rule = cluster_firewall_rule(settings)
+    except ValueError as exc:
+        log(f"cluster firewall not opened: {exc}")
+        return
+    if rule is None:
+        return
+    done = run([args.ufw_cmd, *rule])
+    if done.returncode != 0:
+        log(f"opening the firewall to the cluster failed: {done.stderr.strip()[-300:]}")
+    else:
+        log(f"firewall open to the cluster's subnet {rule[2]}")
+
+
 def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
@@ -253,21 +285,35 @@ def ensure_self_signed(args: argparse.Namespace) -> None:
     log(f"made a self-signed certificate at {args.cert}")
 
 
-def ensure_admin_key(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
+def admin_key_target(
+    settings: Mapping[str, str], state_dir: Path, name: str, instance_id: str | None
+) -> tuple[str, str]:
+    """(key store, key name) for this instance's admin key.
+
+    In a fleet (``APPLIANCE_KEYS_URL``) every instance shares the store, so each names its
+    admin key after itself rather than all racing for one name.
+    """
+    if settings.get("APPLIANCE_KEYS_URL"):
+        return settings["APPLIANCE_KEYS_URL"], f"{name}-{instance_id or 'unknown'}"
+    return settings.get("APPLIANCE_KEYS_DB") or str(state_dir / "keys.db"), name
+
+
+def ensure_admin_key(
+    args: argparse.Namespace, settings: Mapping[str, str], instance_id: str | None
+) -> None:
     """Create the first admin key once; its secret goes to a root-only file and nowhere else."""
     if args.admin_key_file.exists() and args.admin_key_file.read_text().strip():
         log(f"admin key file {args.admin_key_file} exists; keeping it")
         return
-    db = settings.get("APPLIANCE_KEYS_DB") or str(args.state_dir / "keys.db")
-    argv = as_service_user(
-        [args.keys_cmd, "--db", db, "create", "--name", args.admin_key_name], args.service_user
-    )
+    db, name = admin_key_target(settings, args.state_dir, args.admin_key_name, instance_id)
+    argv = as_service_user([args.keys_cmd, "--db", db, "create", "--name", name],
+                           args.service_user)
     done = run(argv)
     secret = done.stdout.strip()
     if done.returncode != 0 or not secret:
         raise RuntimeError(f"creating the admin key failed: {done.stderr.strip()}")
     write_private(args.admin_key_file, secret + "\n")
-    log(f"created API key {args.admin_key_name!r}; its secret is in {args.admin_key_file}")
+    log(f"created API key {name!r}; its secret is in {args.admin_key_file}")
 
 
 def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> bool:
@@ -343,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(env_default("DEFAULTS_FILE", "/etc/appliance/image-defaults.env")),
         help="settings the image was built with (a pre-baked model); lowest precedence",
     )
+    p.add_argument("--ufw-cmd", default=env_default("UFW_CMD", "ufw"))
     p.add_argument(
         "--self-signed-cmd",
         default=env_default("SELF_SIGNED_CMD", f"{SCRIPTS_DIR}/make-self-signed.sh"),
@@ -409,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_cors(args, settings)
     try:
         ensure_self_signed(args)
-        ensure_admin_key(args, settings)
+        ensure_admin_key(args, settings, instance_id)
+        open_cluster_firewall(args, settings)
     except RuntimeError as exc:
         log(str(exc))
         return 1

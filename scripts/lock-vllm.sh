@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Writes ami/requirements-vllm.lock: vLLM VERSION and this project's dependencies, every
+# Writes ami/requirements-vllm.lock: vLLM VERSION, Ray (vLLM's executor when one model spans
+# several nodes, APPLIANCE_PIPELINE_PARALLEL_SIZE) and this project's dependencies, every
 # package pinned with its sha256, resolved for the image's Python on x86_64 Linux. The image
 # installs exactly this set (pip --require-hashes), so a build next month gets the same bytes.
 #
@@ -26,7 +27,7 @@ platforms=(--platform linux_x86_64 --platform manylinux2014_x86_64)
 for minor in $(seq 17 39); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 "$work/venv/bin/pip" install --quiet --dry-run --ignore-installed --report "$work/report.json" \
     --python-version "$python_version" --only-binary=:all: --target "$work/target" \
-    "${platforms[@]}" "vllm==${version}" -r "$work/requirements.in"
+    "${platforms[@]}" "vllm==${version}" "ray[cgraph]" -r "$work/requirements.in"
 
 "$work/venv/bin/python" - "$work/report.json" "$out" "$version" "$python_version" <<'PY'
 import json, re, sys

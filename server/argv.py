@@ -8,6 +8,7 @@ key travels in ``VLLM_API_KEY``, not on the command line, where any local user c
 import math
 from collections.abc import Mapping
 
+from server.cluster import vllm_cluster_args
 from server.plan import EnginePlan
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -47,7 +48,7 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
     enforce_eager = s.enforce_eager if s.enforce_eager is not None else plan.device == "cpu"
     if enforce_eager:
         argv.append("--enforce-eager")
-    return argv + s.extra_args
+    return argv + vllm_cluster_args(plan.cluster) + s.extra_args
 
 
 def engine_env(plan: EnginePlan, api_key: str, base: Mapping[str, str]) -> dict[str, str]:

@@ -8,11 +8,14 @@ its SIGTERM reaches vLLM, which drains in-flight requests for ``APPLIANCE_SHUTDO
 import argparse
 import os
 import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from server.argv import engine_argv, engine_env
+from server.cluster import ray_argv
 from server.gpus import describe, detect_gpus
 from server.internal_key import KeyFileError, ensure_internal_key
 from server.model import ModelError, fetch_model, read_model_info
@@ -67,10 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.ok:
         return EXIT_PREFLIGHT
 
+    ray = str(Path(sys.executable).with_name("ray"))
+    if plan.cluster.role == "worker":
+        command = ray_argv(plan.cluster, ray, plan.tensor_parallel_size)
+        say(f"Ray worker command: {shlex.join(command)}")
+        if args.dry_run:
+            return 0
+        sys.stdout.flush()
+        os.execv(command[0], command)
     command = engine_argv(plan, sys.executable)
+    if plan.cluster.role == "head":
+        ray_head = ray_argv(plan.cluster, ray, plan.tensor_parallel_size)
+        say(f"Ray head command: {shlex.join(ray_head)}")
     say(f"vLLM command: {shlex.join(command)}")
     if args.dry_run:
         return 0
+    if plan.cluster.role == "head" and subprocess.run(ray_head, check=False).returncode != 0:
+        say("cannot start: the Ray head did not start")
+        return EXIT_PREFLIGHT
     try:
         api_key = settings.engine_api_key or ensure_internal_key(env_file)
     except KeyFileError as exc:

@@ -9,6 +9,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
+from server.cluster import SINGLE_NODE, Cluster, cluster_checks, cluster_for
 from server.gpus import Gpu
 from server.model import ModelInfo
 from server.parsers import ModelFamily, choose_parsers
@@ -29,6 +30,7 @@ class EnginePlan:
     cpus: tuple[int, ...] = ()
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    cluster: Cluster = SINGLE_NODE
     reasons: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
 
@@ -126,10 +128,14 @@ def plan_engine(
                 f"attention heads and {kv_heads} KV heads evenly"
             )
 
-    if device == "gpu" and gpus:
-        errors.extend(
-            weight_fit_errors(model.weight_bytes, gpus[:tp], tp, settings.gpu_memory_utilization)
-        )
+    cluster = cluster_for(settings)
+    cluster_reasons, cluster_errors = cluster_checks(cluster, device, tp)
+    reasons.extend(cluster_reasons)
+    errors.extend(cluster_errors)
+
+    if device == "gpu" and gpus and cluster.role != "worker":
+        errors.extend(weight_fit_errors(model.weight_bytes, gpus[:tp], tp, cluster.nodes,
+                                        settings.gpu_memory_utilization))
 
     if not is_loopback(settings.engine_host):
         errors.append(
@@ -157,22 +163,25 @@ def plan_engine(
         cpus=cpus,
         tool_call_parser=parsers.tool_call_parser,
         reasoning_parser=parsers.reasoning_parser,
+        cluster=cluster,
         reasons=tuple(reasons),
         errors=tuple(errors),
     )
 
 
-def weight_fit_errors(weight_bytes: int, gpus: list[Gpu], tp: int, utilization: float) -> list[str]:
-    """Each GPU holds 1/tp of the weights and must keep room within its memory fraction."""
+def weight_fit_errors(weight_bytes: int, gpus: list[Gpu], tp: int, nodes: int,
+                      utilization: float) -> list[str]:
+    """Each GPU holds 1/(tp x nodes) of the weights and must keep room within its fraction."""
     if not gpus:
         return []
-    per_gpu = weight_bytes / tp
+    per_gpu = weight_bytes / (tp * nodes)
+    where = f" on each of {nodes} nodes" if nodes > 1 else ""
     budget = min(g.memory_bytes for g in gpus) * utilization
     if per_gpu <= budget:
         return []
     return [
         f"the model's weights ({weight_bytes / GIB:.1f} GiB) need {per_gpu / GIB:.1f} GiB per GPU "
-        f"at tensor parallel size {tp}, more than the {budget / GIB:.1f} GiB allowed "
+        f"at tensor parallel size {tp}{where}, more than the {budget / GIB:.1f} GiB allowed "
         f"({utilization:.0%} of {min(g.memory_bytes for g in gpus) / GIB:.1f} GiB): use more "
-        f"GPUs, a quantized model, or a higher APPLIANCE_GPU_MEMORY_UTILIZATION"
+        f"GPUs or nodes, a quantized model, or a higher APPLIANCE_GPU_MEMORY_UTILIZATION"
     ]

@@ -46,6 +46,16 @@ class EngineSettings(BaseSettings):
     """``auto`` uses the GPUs when there are any, else vLLM's CPU build when installed."""
     tensor_parallel_size: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     """GPUs the model is split over; ``auto`` takes the most the host and the model allow."""
+    pipeline_parallel_size: Annotated[int, Field(ge=1)] = 1
+    """Nodes one model is split over (vLLM pipeline parallel over Ray), one stage per node;
+    above 1, one node is ``APPLIANCE_NODE_ROLE=head`` and the others ``worker``."""
+    node_role: Literal["single", "head", "worker"] = "single"
+    """``head`` serves the API and runs vLLM over the Ray cluster; a ``worker`` joins the head's
+    cluster and lends its GPUs (it serves nothing itself)."""
+    head_address: str = ""
+    """The head node's private address, which workers join (required on a worker)."""
+    ray_port: Annotated[int, Field(ge=1, le=65535)] = 6380
+    """The Ray cluster's port on the head (not Ray's default 6379, which Redis uses)."""
     max_model_len: Annotated[int, Field(ge=1)] | None = None
     """Context length (prompt plus output); the model's own limit when unset."""
     gpu_memory_utilization: Fraction = 0.90

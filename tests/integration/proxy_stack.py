@@ -13,13 +13,13 @@ from tests.servers import VENV_BIN, fake_engine, free_port, proxy, running
 ENGINE_KEY = "internal-engine-key"
 
 
-def make_key(db: Path, name: str, *options: str) -> str:
+def make_key(db: Path | str, name: str, *options: str) -> str:
     out = keys_cli(db, "create", "--name", name, *options)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
-def keys_cli(db: Path, *args: str) -> subprocess.CompletedProcess:
+def keys_cli(db: Path | str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "appliance-keys"), "--db", str(db), *args],
                           capture_output=True, text=True)
 
@@ -45,7 +45,8 @@ def engine(*extra: str, port: int | None = None) -> Iterator[Engine]:
 @dataclass
 class Proxy:
     url: str
-    db: Path
+    db: Path | str
+    """The key store: a SQLite file, or the PostgreSQL URL several gateways share."""
     log: Path
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -68,10 +69,11 @@ class Proxy:
 def gateway(engine_url: str, workdir: Path, db_dir: Path | None = None,
             **settings: object) -> Iterator[Proxy]:
     port = free_port()
-    db = (db_dir or workdir) / f"keys-{port}.db"
+    file = (db_dir or workdir) / f"keys-{port}.db"
+    db = settings.get("keys_url") or file
     log = workdir / f"proxy-{port}.log"
     env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_ENGINE_API_KEY": ENGINE_KEY,
-           "APPLIANCE_KEYS_DB": str(db), "APPLIANCE_USAGE_FLUSH_INTERVAL_S": "0.2"}
+           "APPLIANCE_KEYS_DB": str(file), "APPLIANCE_USAGE_FLUSH_INTERVAL_S": "0.2"}
     env |= {f"APPLIANCE_{k.upper()}": str(v) for k, v in settings.items()}
     url = f"http://127.0.0.1:{port}"
     with running(proxy(port), ready_url=url + "/health", env=env, log=log):

@@ -7,7 +7,8 @@ import pytest
 
 from proxy.auth import Authenticator, bearer_secret
 from proxy.errors import ProxyError
-from proxy.keys import KeyStore
+from proxy.keys import open_store
+from proxy.keys_sqlite import SqliteKeyStore as KeyStore
 
 
 @pytest.mark.parametrize(("header", "secret"), [(b"Bearer abc", "abc"), (b"bearer  abc ", "abc"),
@@ -20,7 +21,7 @@ def test_bearer_secret(header, secret):
 def test_a_burst_of_requests_shares_one_store_lookup(tmp_path):
     store = KeyStore(tmp_path / "keys.db")
     secret = store.create("alice")
-    auth = Authenticator(tmp_path / "keys.db", ttl=0.5)
+    auth = Authenticator(lambda: open_store(tmp_path / "keys.db", create=False), ttl=0.5)
     lookups = []
     real_lookup = auth._lookup
 
@@ -43,7 +44,7 @@ def test_a_burst_of_requests_shares_one_store_lookup(tmp_path):
 def test_revocation_is_seen_once_the_cache_entry_expires(tmp_path):
     store = KeyStore(tmp_path / "keys.db")
     secret = store.create("alice")
-    auth = Authenticator(tmp_path / "keys.db", ttl=0.1)
+    auth = Authenticator(lambda: open_store(tmp_path / "keys.db", create=False), ttl=0.1)
     header = f"Bearer {secret}".encode()
 
     async def check():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.keys import KeyStore, period_label
+from proxy.keys import period_label
+from proxy.keys_sqlite import SqliteKeyStore as KeyStore
 
 CLI = Path(sys.executable).parent / "appliance-keys"
 

@@ -104,3 +104,25 @@ def test_public_tls_needs_domain_and_email():
         {"APPLIANCE_DOMAIN": "a.example.com", "APPLIANCE_EMAIL": "o@example.com"}
     )
     assert not firstboot.wants_public_tls({"APPLIANCE_DOMAIN": "a.example.com"})
+
+
+def test_the_admin_key_goes_to_the_local_file_or_per_instance_into_a_fleets_store():
+    state = Path("/var/lib/appliance")
+    assert firstboot.admin_key_target({}, state, "admin", "i-0abc") == (
+        "/var/lib/appliance/keys.db", "admin")
+    assert firstboot.admin_key_target({"APPLIANCE_KEYS_DB": "/srv/k.db"}, state, "admin",
+                                      "i-0abc") == ("/srv/k.db", "admin")
+    url = "postgresql://appliance@db.internal/appliance"
+    assert firstboot.admin_key_target({"APPLIANCE_KEYS_URL": url}, state, "admin", "i-0abc") == (
+        url, "admin-i-0abc")
+
+
+def test_a_cluster_node_opens_the_firewall_to_its_subnet_only():
+    node = {"APPLIANCE_NODE_ROLE": "worker", "APPLIANCE_CLUSTER_CIDR": "10.0.1.7/24"}
+    assert firstboot.cluster_firewall_rule(node) == [
+        "allow", "from", "10.0.1.0/24", "comment", "appliance cluster (Ray, NCCL)"]
+    assert firstboot.cluster_firewall_rule({"APPLIANCE_CLUSTER_CIDR": "10.0.1.0/24"}) is None
+    assert firstboot.cluster_firewall_rule({"APPLIANCE_NODE_ROLE": "head"}) is None
+    for bad in ("0.0.0.0/0", "not-a-net"):
+        with pytest.raises(ValueError):
+            firstboot.cluster_firewall_rule({**node, "APPLIANCE_CLUSTER_CIDR": bad})

@@ -7,20 +7,19 @@ import time
 
 import pytest
 
-from proxy import keys
+from proxy import keys_sqlite as keys
 from proxy.keys import (
-    SCHEMA_VERSION,
     SECRET_PREFIX,
     KeyExists,
-    KeyStore,
     StoreUnavailable,
     UnknownKey,
     Usage,
     hash_secret,
     period_end,
     period_label,
-    schema_version,
 )
+from proxy.keys_sqlite import SCHEMA_VERSION, schema_version
+from proxy.keys_sqlite import SqliteKeyStore as KeyStore
 
 
 @pytest.fixture

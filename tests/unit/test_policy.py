@@ -38,35 +38,35 @@ def test_routes_that_generate_nothing_get_the_short_deadline():
 def test_request_bucket_admits_limit_then_refuses_with_retry_after():
     limiter = RateLimiter()
     for i in range(3):
-        decision = limiter.admit("a", 3, None, now=100.0)
+        decision = limiter.decide("a", 3, None, now=100.0)
         assert decision.allowed
         assert decision.headers["x-ratelimit-remaining-requests"] == str(2 - i)
-    refused = limiter.admit("a", 3, None, now=100.0)
+    refused = limiter.decide("a", 3, None, now=100.0)
     assert not refused.allowed and refused.reason == "requests"
     assert refused.retry_after_s == pytest.approx(20.0)
     assert refused.headers["x-ratelimit-limit-requests"] == "3"
-    assert limiter.admit("a", 3, None, now=121.0).allowed
+    assert limiter.decide("a", 3, None, now=121.0).allowed
 
 
 def test_one_keys_limit_never_touches_another():
     limiter = RateLimiter()
-    assert limiter.admit("a", 1, None, now=0).allowed
-    assert not limiter.admit("a", 1, None, now=0).allowed
-    assert limiter.admit("b", 1, None, now=0).allowed
+    assert limiter.decide("a", 1, None, now=0).allowed
+    assert not limiter.decide("a", 1, None, now=0).allowed
+    assert limiter.decide("b", 1, None, now=0).allowed
 
 
 def test_token_bucket_refuses_once_usage_spent_it():
     limiter = RateLimiter()
-    assert limiter.admit("a", None, 100, now=0).allowed
+    assert limiter.decide("a", None, 100, now=0).allowed
     limiter.spend_tokens("a", 150, now=0)
-    refused = limiter.admit("a", None, 100, now=1)
+    refused = limiter.decide("a", None, 100, now=1)
     assert not refused.allowed and refused.reason == "tokens"
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert limiter.admit("a", None, 100, now=60).allowed
+    assert limiter.decide("a", None, 100, now=60).allowed
 
 
 def test_unlimited_key_carries_no_limit_headers():
-    assert RateLimiter().admit("a", None, None, now=0).headers == {}
+    assert RateLimiter().decide("a", None, None, now=0).headers == {}
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0.12, "120ms"), (1, "1s"), (59.2, "1m0s"),

@@ -1,6 +1,9 @@
 """Gateway settings: environment over env file, the env file named by APPLIANCE_ENV_FILE."""
 
-from proxy.settings import load_settings
+import pytest
+from pydantic import ValidationError
+
+from proxy.settings import ProxySettings, load_settings
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path, monkeypatch):
@@ -26,3 +29,17 @@ def test_admission_defaults_follow_the_engines_batch_size(monkeypatch):
     settings = load_settings()
     assert settings.engine_concurrency == 8
     assert settings.max_inflight > settings.engine_concurrency + settings.max_queued_per_key
+
+
+@pytest.mark.parametrize(
+    ("urls", "error"),
+    [
+        ({"limits_url": "redis://cache:6379/0"}, "set APPLIANCE_KEYS_URL"),
+        ({"keys_url": "/var/lib/appliance/keys.db"}, "must be a postgresql:// URL"),
+        ({"keys_url": "postgresql://db/a", "limits_url": "cache:6379"}, "redis://"),
+    ],
+)
+def test_fleet_stores_are_urls_and_shared_limits_need_a_shared_key_store(urls, error):
+    with pytest.raises(ValidationError, match=error):
+        ProxySettings(_env_file=None, **urls)
+    ProxySettings(_env_file=None, keys_url="postgresql://db/a", limits_url="redis://cache/0")
