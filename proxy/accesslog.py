@@ -24,7 +24,14 @@ class RequestRecord:
     error: str = ""
 
 
-def configure(level: str) -> None:
+WORKER: dict[str, int] = {}
+"""``{"worker": i}`` in a worker of several (which process served a key), else empty."""
+
+
+def configure(level: str, worker: int | None = None) -> None:
+    WORKER.clear()
+    if worker is not None:
+        WORKER["worker"] = worker
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.handlers[:] = [handler]
@@ -48,4 +55,5 @@ def write(record: RequestRecord, duration_s: float) -> None:
     }
     if record.error:
         line["error"] = record.error
+    line.update(WORKER)
     logger.info(json.dumps(line))

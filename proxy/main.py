@@ -1,4 +1,8 @@
-"""appliance-proxy: serve the gateway with uvicorn (uvloop, httptools; our own access log)."""
+"""appliance-proxy: serve the gateway with uvicorn (uvloop, httptools; our own access log).
+
+With one worker this process serves. With more it supervises: each worker is a child process
+running this same command with ``--worker INDEX`` (``proxy/supervisor.py``).
+"""
 
 import argparse
 import logging
@@ -7,7 +11,17 @@ import uvicorn
 
 from . import accesslog
 from .app import create_app
-from .settings import load_settings
+from .settings import ProxySettings, load_settings
+from .supervisor import Supervisor
+from .workers import ports, worker_settings
+
+
+def serve(settings: ProxySettings, worker: int | None) -> None:
+    accesslog.configure(settings.log_level, worker)
+    uvicorn.run(create_app(settings), host=settings.proxy_host, port=settings.proxy_port,
+                loop="uvloop", http="httptools", access_log=False,
+                log_level=settings.log_level, server_header=False,
+                timeout_graceful_shutdown=30, timeout_keep_alive=settings.proxy_keepalive_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,15 +29,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="appliance-proxy", description=__doc__)
     parser.add_argument("--host", default=settings.proxy_host)
     parser.add_argument("--port", type=int, default=settings.proxy_port)
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    settings = settings.model_copy(update={"proxy_host": args.host, "proxy_port": args.port})
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    accesslog.configure(settings.log_level)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, loop="uvloop",
-                http="httptools", access_log=False, log_level=settings.log_level,
-                server_header=False, timeout_graceful_shutdown=30,
-                timeout_keep_alive=settings.proxy_keepalive_s)
+    if args.worker is not None:
+        serve(worker_settings(settings, args.worker), args.worker)
+        return
+    count = settings.proxy_workers
+    listening = ", ".join(f"{settings.proxy_host}:{p}" for p in ports(settings))
+    print(f"appliance-proxy: {count} worker{'s' if count > 1 else ''}"
+          f" (APPLIANCE_PROXY_WORKERS) on {listening};"
+          f" {settings.engine_concurrency} engine slots shared among them", flush=True)
+    if count == 1:
+        serve(settings, None)
+    else:
+        raise SystemExit(Supervisor(settings).run())
 
 
 if __name__ == "__main__":

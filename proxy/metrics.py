@@ -1,19 +1,31 @@
 """Prometheus collectors for the gateway, in a registry of its own.
 
 Labels carry key names, never secrets or hashes; ``/metrics`` is served to loopback only.
+With several workers (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor) each worker writes
+its values to shared files and ``render`` adds them up, so any worker answers for the whole
+gateway: counters and histograms summed over every worker that ever ran, gauges over the live
+ones (``livesum``: a dead worker's queue is gone with it).
 """
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .admission import Observer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode="livesum")
+
         self.requests = Counter("appliance_requests_total", "Requests answered.",
                                 ["route", "status", "key"], registry=r)
         self.latency = Histogram("appliance_request_duration_seconds",
@@ -27,9 +39,8 @@ class Metrics:
         self.completion_tokens = Counter("appliance_completion_tokens_total",
                                          "Completion tokens the engine reported.", ["key"],
                                          registry=r)
-        self.inflight = Gauge("appliance_requests_in_flight",
-                              "Requests forwarded to the engine and not yet finished.",
-                              registry=r)
+        self.inflight = gauge("appliance_requests_in_flight",
+                              "Requests forwarded to the engine and not yet finished.")
         self.upstream_errors = Counter("appliance_upstream_errors_total",
                                        "Engine failures seen by the gateway.", ["kind"],
                                        registry=r)
@@ -43,31 +54,31 @@ class Metrics:
                                "Requests the gateway refused before the engine, by reason"
                                " (requests, tokens, queue_full, capacity, quota, model).",
                                ["key", "reason"], registry=r)
-        self.queue_depth = Gauge("appliance_queue_depth",
+        self.queue_depth = gauge("appliance_queue_depth",
                                  "Requests waiting in the gateway for an engine slot, per key.",
-                                 ["key"], registry=r)
+                                 ("key",))
         self.queue_wait = Histogram("appliance_queue_wait_seconds",
                                     "Time a request waited in the gateway for an engine slot.",
                                     ["key"], buckets=LATENCY_BUCKETS, registry=r)
-        self.engine_slots = Gauge("appliance_engine_slots",
-                                  "Requests the gateway lets into the engine at once.",
-                                  registry=r)
-        self.engine_slots_in_use = Gauge("appliance_engine_slots_in_use",
-                                         "Engine slots held by requests now.", registry=r)
+        self.engine_slots = gauge("appliance_engine_slots",
+                                  "Requests the gateway lets into the engine at once.")
+        self.engine_slots_in_use = gauge("appliance_engine_slots_in_use",
+                                         "Engine slots held by requests now.")
+        self.workers = gauge("appliance_proxy_workers", "Gateway worker processes serving.")
         self.usage_write_failures = Counter("appliance_usage_write_failures_total",
                                             "Usage flushes the key store refused (kept in memory).",
                                             registry=r)
         self.last_generation = Gauge("appliance_last_generation_timestamp_seconds",
                                      "When the last generation request was answered with"
                                      " success (the gateway's start until then): idle stop"
-                                     " reads it.", registry=r)
+                                     " reads it.", registry=r, multiprocess_mode="max")
         self.last_generation.set_to_current_time()
         self.draining = Gauge("appliance_draining",
                               "1 while the gateway drains for a shutdown (spot interruption).",
-                              registry=r)
-        self.usage_unsaved = Gauge("appliance_usage_unsaved_requests",
-                                   "Requests whose usage is not yet written to the key store.",
-                                   registry=r)
+                              registry=r, multiprocess_mode="livemax")
+        self.usage_unsaved = gauge("appliance_usage_unsaved_requests",
+                                   "Requests whose usage is not yet written to the key store.")
+        self.workers.set(1)
 
         self.limits_shared = Gauge("appliance_limits_shared",
                                    "1 while rate limits and quotas are shared through the limits"
@@ -82,4 +93,9 @@ class Metrics:
                         in_use=self.engine_slots_in_use.set)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=directory)
+        return generate_latest(merged)

@@ -12,6 +12,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .workers import available_cpus, default_worker_count
+
 ENV_FILE = Path("/etc/appliance/appliance.env")
 
 
@@ -48,7 +50,11 @@ class ProxySettings(BaseSettings):
     """The longest wait for Redis before a call counts as failed (see the README's fleet mode)."""
 
     proxy_host: str = "127.0.0.1"
-    proxy_port: int = 8080
+    proxy_port: int = Field(8080, ge=1, le=65535)
+    """Worker ``i`` of ``proxy_workers`` listens on this port + ``i``."""
+    proxy_workers: int | None = Field(None, ge=1)
+    """Gateway processes, each its own core; NGINX routes each key to one of them
+    (``proxy/workers.py``). Default: half the CPUs this process may use, 1 to 8."""
     proxy_keepalive_s: PositiveFloat = 75.0
     """How long an idle client connection is kept open. Above NGINX's upstream
     ``keepalive_timeout`` (60 s): the server must be the side that keeps idle connections
@@ -119,6 +125,15 @@ class ProxySettings(BaseSettings):
     def _size_admission(self) -> "ProxySettings":
         if self.engine_concurrency is None:
             self.engine_concurrency = self.max_num_seqs
+        if self.proxy_workers is None:
+            self.proxy_workers = default_worker_count(available_cpus())
+        if self.proxy_workers > self.engine_concurrency:
+            raise ValueError(
+                f"APPLIANCE_PROXY_WORKERS ({self.proxy_workers}) must not exceed"
+                f" APPLIANCE_ENGINE_CONCURRENCY ({self.engine_concurrency}): each worker needs"
+                " at least one engine slot")
+        if self.proxy_port + self.proxy_workers - 1 > 65535:
+            raise ValueError("APPLIANCE_PROXY_PORT + APPLIANCE_PROXY_WORKERS - 1 is not a port")
         one_key = self.engine_concurrency + self.max_queued_per_key
         if self.max_inflight is None:
             self.max_inflight = 4 * one_key

@@ -97,7 +97,7 @@ def proxy_env(engine_url: str, db: Path) -> dict[str, str]:
     # Production settings but the log level: one access-log line per request would be measured
     # as disk writes of the benchmark's own making.
     return {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
-            "APPLIANCE_LOG_LEVEL": "warning"}
+            "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_PROXY_WORKERS": "1"}
 
 
 @contextlib.contextmanager

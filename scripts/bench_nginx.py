@@ -105,6 +105,7 @@ def run(workdir: Path, seconds: int) -> list[dict]:
         "APPLIANCE_KEYS_DB": str(db),
         "APPLIANCE_LOG_LEVEL": "warning",
         "APPLIANCE_MAX_INFLIGHT": "1024",
+        "APPLIANCE_PROXY_WORKERS": "1",
     }
     site = render(
         workdir / "edge",

@@ -64,6 +64,9 @@ class SiteParams:
     key: str = "/etc/appliance/tls/self-signed.key"
     trusted_ca: str = "/etc/ssl/certs/ca-certificates.crt"
     upstream: str = "127.0.0.1:8080"
+    """The gateway's first worker; worker ``i`` listens on this port + ``i``."""
+    gateway_workers: int = 1
+    """The gateway's APPLIANCE_PROXY_WORKERS: one upstream server per worker."""
     listen_addr: str = ""
     http_port: int = 80
     https_port: int = 443
@@ -119,6 +122,8 @@ def problems(params: SiteParams) -> list[str]:
     host, _, port = params.upstream.rpartition(":")
     if not host or not port.isdigit():
         found.append(f"upstream {params.upstream!r} is not host:port")
+    elif not 1 <= params.gateway_workers <= 65536 - int(port):
+        found.append(f"gateway_workers {params.gateway_workers} does not fit above port {port}")
     if not SIZE.match(params.body_size):
         found.append(f"body size {params.body_size!r} is not an NGINX size such as 16m")
     # NGINX itself refuses burst=0.
@@ -146,6 +151,13 @@ def listen(addr: str, port: int) -> str:
     return f"{addr}:{port}" if addr else str(port)
 
 
+def upstream_servers(params: SiteParams) -> str:
+    """One ``server`` line per gateway worker, on consecutive ports."""
+    host, _, port = params.upstream.rpartition(":")
+    return "\n".join(f"    server {host}:{int(port) + i} max_fails=0;"
+                     for i in range(params.gateway_workers))
+
+
 def values(params: SiteParams, out_dir: Path) -> dict[str, str]:
     """The placeholder values for ``params`` rendered into ``out_dir``."""
     return {
@@ -157,7 +169,7 @@ def values(params: SiteParams, out_dir: Path) -> dict[str, str]:
         "CERT": params.cert,
         "KEY": params.key,
         "TRUSTED_CA": params.trusted_ca,
-        "UPSTREAM": params.upstream,
+        "UPSTREAM_SERVERS": upstream_servers(params),
         "WEBROOT": params.webroot,
         "BODY_SIZE": params.body_size,
         "ACCESS_LOG": params.access_log,

@@ -249,7 +249,7 @@ def soak(seconds: float, steady_clients: int, workdir: Path) -> tuple[list[tuple
             [str(VENV_BIN / "appliance-keys"), "--db", str(db), "create", "--name", name,
              *options], capture_output=True, text=True, check=True).stdout.strip()
     env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_ENGINE_API_KEY": ENGINE_KEY,
-           "APPLIANCE_KEYS_DB": str(db)}
+           "APPLIANCE_KEYS_DB": str(db), "APPLIANCE_PROXY_WORKERS": "1"}
     tallies = {name: Tally() for name in KEYS}
     samples: list[dict] = []
     warmup = min(60.0, max(5.0, seconds * 0.2))

@@ -73,7 +73,8 @@ def gateway(engine_url: str, workdir: Path, db_dir: Path | None = None,
     db = settings.get("keys_url") or file
     log = workdir / f"proxy-{port}.log"
     env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_ENGINE_API_KEY": ENGINE_KEY,
-           "APPLIANCE_KEYS_DB": str(file), "APPLIANCE_USAGE_FLUSH_INTERVAL_S": "0.2"}
+           "APPLIANCE_KEYS_DB": str(file), "APPLIANCE_USAGE_FLUSH_INTERVAL_S": "0.2",
+           "APPLIANCE_PROXY_WORKERS": "1"}
     env |= {f"APPLIANCE_{k.upper()}": str(v) for k, v in settings.items()}
     url = f"http://127.0.0.1:{port}"
     with running(proxy(port), ready_url=url + "/health", env=env, log=log):

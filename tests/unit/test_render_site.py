@@ -71,7 +71,14 @@ def test_production_defaults():
     assert re.search(r"listen 443 ssl http2 default_server;", text)
     assert "return 301 https://$host$request_uri;" in text
     assert "ssl_certificate /etc/appliance/tls/self-signed.crt;" in text
-    assert "server 127.0.0.1:8080;" in text
+    assert "server 127.0.0.1:8080 max_fails=0;" in text
+    assert "hash $appliance_key consistent;" in text
+
+
+def test_one_upstream_server_per_gateway_worker_on_consecutive_ports():
+    text = rendered(SiteParams(upstream="127.0.0.1:9000", gateway_workers=3))["appliance.conf"]
+    servers = re.findall(r"^\s*server (\S+) max_fails=0;$", text, re.MULTILINE)
+    assert servers == ["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"]
 
 
 def test_test_ports_and_a_domain():
@@ -190,6 +197,8 @@ def test_standalone_main_config_includes_the_site():
         ({"http_port": 8443, "https_port": 8443}, "differ"),
         ({"listen_addr": "localhost"}, "IPv4"),
         ({"upstream": "8080"}, "host:port"),
+        ({"gateway_workers": 0}, "gateway_workers"),
+        ({"upstream": "127.0.0.1:65535", "gateway_workers": 2}, "gateway_workers"),
         ({"body_size": "16 MB"}, "NGINX size"),
         ({"long_timeout_s": 0}, "at least 1"),
         ({"burst": 0}, "at least 1"),
