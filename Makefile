@@ -35,8 +35,8 @@ $(ENGINE_VENV)/.installed: pyproject.toml
 	touch $@
 
 # The whole appliance on loopback (scripts/run-stack.sh): NGINX on https://127.0.0.1:8443, the
-# gateway on 8080, vLLM on 8000; state in .run/. vLLM's GPU build where an NVIDIA GPU answers,
-# unless ENGINE_EXTRA is given.
+# gateway on 8090 (and one port up per further worker), vLLM on 8000; state in .run/. vLLM's
+# GPU build where an NVIDIA GPU answers, unless ENGINE_EXTRA is given.
 RUN_ENGINE_EXTRA = $(if $(filter file,$(origin ENGINE_EXTRA)),$(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu),$(ENGINE_EXTRA))
 
 run: venv

@@ -30,8 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=settings.proxy_host)
     parser.add_argument("--port", type=int, default=settings.proxy_port)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--print-workers", action="store_true",
+                        help="print the number of workers these settings give, and exit")
     args = parser.parse_args(argv)
     settings = settings.model_copy(update={"proxy_host": args.host, "proxy_port": args.port})
+    if args.print_workers:
+        print(settings.proxy_workers)
+        return
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

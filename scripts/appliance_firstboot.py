@@ -316,6 +316,34 @@ def ensure_admin_key(
     log(f"created API key {name!r}; its secret is in {args.admin_key_file}")
 
 
+def size_gateway(args: argparse.Namespace, settings: dict[str, str]) -> None:
+    """Fix the gateway's worker count in the env file and give NGINX one upstream per worker.
+
+    The count's default depends on this instance's cores, so it is resolved here, once, by
+    ``appliance-proxy`` itself, and the same number goes to both; they must agree (a worker
+    NGINX does not know idles, a port NGINX knows and no worker serves answers 502).
+    """
+    if not settings.get("APPLIANCE_PROXY_WORKERS"):
+        done = subprocess.run([args.proxy_cmd, "--print-workers"], capture_output=True,
+                              text=True, check=False, env={**os.environ, **settings})
+        if done.returncode != 0 or not done.stdout.strip().isdigit():
+            log(f"could not size the gateway ({done.stderr.strip()[-300:]}); one worker")
+            settings["APPLIANCE_PROXY_WORKERS"] = "1"
+        else:
+            settings["APPLIANCE_PROXY_WORKERS"] = done.stdout.strip()
+    workers = settings["APPLIANCE_PROXY_WORKERS"]
+    if not (args.site_dir / "render-params.json").exists():
+        log(f"no NGINX site in {args.site_dir}; gateway workers: {workers}")
+        return
+    done = run([args.render_site_cmd, "--out-dir", str(args.site_dir), "--update",
+                "--gateway-workers", workers])
+    if done.returncode != 0:
+        log(f"rendering the NGINX site for {workers} gateway workers failed:"
+            f" {done.stderr.strip()[-300:]}")
+        return
+    log(f"gateway workers: {workers}; NGINX routes each key to one of them")
+
+
 def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> bool:
     """Ask for a Let's Encrypt certificate when configured; False when that failed."""
     if not wants_public_tls(settings):
@@ -405,6 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # The virtualenv's command itself: /usr/local/sbin/appliance-keys switches user on its own.
     p.add_argument("--keys-cmd", default=env_default("KEYS_CMD", f"{VENV_BIN}/appliance-keys"))
+    p.add_argument("--proxy-cmd", default=env_default("PROXY_CMD", f"{VENV_BIN}/appliance-proxy"))
     p.add_argument(
         "--service-user",
         default=env_default("SERVICE_USER", "appliance"),
@@ -450,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = read_env_file(args.env_file)
     generated = {name: secrets.token_urlsafe(32) for name in GENERATED}
     settings = merge_settings(defaults, existing, parsed.settings, generated)
+    size_gateway(args, settings)
     write_private(args.env_file, render_env(settings))
     log(f"wrote {args.env_file} ({len(settings)} settings, mode 0600)")
 

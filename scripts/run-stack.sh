@@ -9,7 +9,8 @@
 #
 # All state lives in APPLIANCE_RUN_DIR (.run/): settings, key store, demo key, certificate,
 # rendered site, logs, pid files. Ports: APPLIANCE_RUN_HTTPS_PORT (8443), APPLIANCE_RUN_HTTP_PORT
-# (8081), APPLIANCE_RUN_PROXY_PORT (8080), APPLIANCE_RUN_ENGINE_PORT (8000). Set APPLIANCE_MODEL
+# (8081), APPLIANCE_RUN_PROXY_PORT (8090; worker i of APPLIANCE_PROXY_WORKERS on 8090 + i),
+# APPLIANCE_RUN_ENGINE_PORT (8000). Set APPLIANCE_MODEL
 # to serve another model; any other APPLIANCE_* variable reaches the engine and the gateway.
 set -euo pipefail
 
@@ -21,7 +22,7 @@ venv=${VENV:-.venv}
 engine_venv=${ENGINE_VENV:-.venv-engine}
 https_port=${APPLIANCE_RUN_HTTPS_PORT:-8443}
 http_port=${APPLIANCE_RUN_HTTP_PORT:-8081}
-proxy_port=${APPLIANCE_RUN_PROXY_PORT:-8080}
+proxy_port=${APPLIANCE_RUN_PROXY_PORT:-8090}
 engine_port=${APPLIANCE_RUN_ENGINE_PORT:-8000}
 ready_timeout=${APPLIANCE_RUN_READY_TIMEOUT:-900}
 pids=$run_dir/pids
@@ -181,12 +182,6 @@ up() {
     demo_key
     scripts/make-self-signed.sh "$run_dir/tls/self-signed.crt" "$run_dir/tls/self-signed.key" \
         localhost >/dev/null
-    python3 scripts/render_site.py --out-dir "$run_dir/nginx" --standalone \
-        --cert "$run_dir/tls/self-signed.crt" --key "$run_dir/tls/self-signed.key" \
-        --upstream "127.0.0.1:$proxy_port" --listen-addr 127.0.0.1 \
-        --http-port "$http_port" --https-port "$https_port" --webroot "$run_dir/acme" \
-        --access-log "$logs/nginx-access.log" --error-log "$logs/nginx-error.log" \
-        --workers 1 >/dev/null
 
     # Both services get the caller's APPLIANCE_* variables, with this run's files, ports and
     # internal engine key on top.
@@ -201,6 +196,15 @@ up() {
     export APPLIANCE_ENGINE_URL=http://127.0.0.1:$engine_port
     export APPLIANCE_KEYS_DB=$run_dir/keys.db
     export APPLIANCE_SHUTDOWN_GRACE_S=${APPLIANCE_SHUTDOWN_GRACE_S:-2}
+    # NGINX gets one upstream per gateway worker: the count appliance-proxy resolves here.
+    APPLIANCE_PROXY_WORKERS=$("$venv/bin/appliance-proxy" --port "$proxy_port" --print-workers)
+    export APPLIANCE_PROXY_WORKERS
+    python3 scripts/render_site.py --out-dir "$run_dir/nginx" --standalone \
+        --cert "$run_dir/tls/self-signed.crt" --key "$run_dir/tls/self-signed.key" \
+        --upstream "127.0.0.1:$proxy_port" --listen-addr 127.0.0.1 \
+        --http-port "$http_port" --https-port "$https_port" --webroot "$run_dir/acme" \
+        --access-log "$logs/nginx-access.log" --error-log "$logs/nginx-error.log" \
+        --gateway-workers "$APPLIANCE_PROXY_WORKERS" --workers 1 >/dev/null
 
     say "starting the engine (vLLM; loading takes a while), the gateway and NGINX; logs in $logs"
     start engine "$engine_venv/bin/appliance-engine"
@@ -218,7 +222,7 @@ up() {
 
     cat <<EOF
 
-The appliance is ready: NGINX ${base} -> gateway 127.0.0.1:${proxy_port} -> vLLM 127.0.0.1:${engine_port}
+The appliance is ready: NGINX ${base} -> gateway 127.0.0.1:${proxy_port} (${APPLIANCE_PROXY_WORKERS} workers) -> vLLM 127.0.0.1:${engine_port}
 Model: ${served}    Demo key: ${run_dir}/demo-key
 Playground: ${base}/playground (paste the demo key)
 

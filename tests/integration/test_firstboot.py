@@ -8,6 +8,7 @@ rendered with that certificate and checked by `nginx -t`.
 import contextlib
 import gzip
 import json
+import re
 import shutil
 import socket
 import stat
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
+from proxy.workers import available_cpus, default_worker_count
 from tests.servers import ROOT, VENV_BIN, free_port
 
 SCRIPT = ROOT / "scripts" / "appliance_firstboot.py"
@@ -113,6 +115,10 @@ class Host:
         return self.root / "state"
 
     @property
+    def site(self) -> Path:
+        return self.root / "nginx"
+
+    @property
     def defaults(self) -> Path:
         return self.root / "etc" / "image-defaults.env"
 
@@ -154,6 +160,8 @@ class Host:
             str(ROOT / "scripts" / "render_site.py"),
             "--service-user",
             "",
+            "--proxy-cmd",
+            str(VENV_BIN / "appliance-proxy"),
         ]
 
     def firstboot(self, imds_url: str, *flags: str, **options) -> subprocess.CompletedProcess:
@@ -259,7 +267,9 @@ def test_instance_without_user_data_gets_defaults(host):
         done = host.firstboot(imds.url)
     assert done.returncode == 0, done.stderr
     assert "no user data" in done.stderr
-    assert set(dotenv_values(host.env_file)) == {"APPLIANCE_ENGINE_API_KEY"}
+    # What first boot generates or resolves for this box, nothing else.
+    assert set(dotenv_values(host.env_file)) == {"APPLIANCE_ENGINE_API_KEY",
+                                                 "APPLIANCE_PROXY_WORKERS"}
     assert host.admin_key.exists()
 
 
@@ -434,3 +444,24 @@ def test_cors_origins_from_user_data_reach_the_nginx_site(host):
     assert params["cors_origins"] == "https://app.example.com"
     assert '"https://app.example.com" $http_origin;' in (site / "appliance.conf").read_text()
     assert "allows browser origins" in done.stderr + done.stdout
+
+
+def upstream_ports(site: Path) -> list[int]:
+    text = (site / "appliance.conf").read_text()
+    return [int(p) for p in re.findall(r"^\s*server 127\.0\.0\.1:(\d+) max_fails=0;$", text,
+                                        re.MULTILINE)]
+
+
+@pytest.mark.parametrize("user_data", [None, "APPLIANCE_PROXY_WORKERS=3\n"])
+def test_gateway_workers_are_fixed_once_and_nginx_gets_one_upstream_each(host, user_data):
+    """The env file and the NGINX site name the same count: this box's default, or the user's."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_site.py"), "--out-dir",
+                    str(host.site)], check=True, capture_output=True)
+    assert upstream_ports(host.site) == [8080]
+    with fake_imds(user_data) as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    expected = 3 if user_data else default_worker_count(available_cpus())
+    assert dotenv_values(host.env_file)["APPLIANCE_PROXY_WORKERS"] == str(expected)
+    assert upstream_ports(host.site) == [8080 + i for i in range(expected)]
+    assert f"gateway workers: {expected}" in done.stdout + done.stderr
