@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: vLLM's API served direct, through this gateway, behind NGINX+TLS, and
-through the LiteLLM proxy, all in front of the same fast fake engine, one contender at a time.
+"""Side-by-side benchmark: vLLM's API served direct, through this gateway, behind NGINX+TLS,
+through the LiteLLM proxy and through vLLM's Rust router, all in front of the same fast fake
+engine, one contender at a time.
 
   direct       tests/fake_engine.py itself (what any proxy adds is measured against it)
   proxy        appliance-proxy with auth, rate limits, usage and metrics on, as shipped
@@ -8,6 +9,9 @@ through the LiteLLM proxy, all in front of the same fast fake engine, one conten
   litellm      LiteLLM's proxy (scripts/litellm-bench.yaml: a plain OpenAI pass-through with a
                master key, no database, one worker, logging off), from its own virtualenv
                (.venv-litellm, made here on first use)
+  vllm-router  the vLLM project's router (Rust; PyPI ``vllm-router``) as a pass-through to one
+               engine: round robin, retries and circuit breaker off, from .venv-vllm-router.
+               It checks no keys and keeps no usage: the floor a compiled relay sets
 
 Non-streaming small chat comes from wrk at 1, 16, 64 and 256 connections; streams (64 at once,
 256 fast tokens each) from a raw asyncio client that only counts events. Per contender: requests/s,
@@ -53,10 +57,15 @@ LITELLM_VENV = ROOT / ".venv-litellm"
 # a certifi newer than the package registry had when this was written.
 LITELLM_REQUIREMENT = "litellm[proxy]==1.100.5"
 LITELLM_CONFIG = ROOT / "scripts" / "litellm-bench.yaml"
+VLLM_ROUTER_VENV = ROOT / ".venv-vllm-router"
+VLLM_ROUTER_REQUIREMENT = "vllm-router==0.1.17"
+CONTENDERS = ("direct", "proxy", "nginx+tls", "litellm", "vllm-router")
 CONCURRENCIES = (1, 16, 64, 256)
 STREAMS = 64
 # The issue's targets, against LiteLLM on the same machine and load.
 TARGET_RPS_RATIO, TARGET_EVENTS_RATIO, TARGET_ADDED_P50_FRACTION = 10.0, 15.0, 0.1
+# Issue 13's, against the engine itself: the gateway's CPU per small request, its SSE relay.
+TARGET_CPU_MS, TARGET_DIRECT_EVENTS = 0.10, 0.9
 # wrk's own 2 s would drop LiteLLM's slow answers at c=256 from the latencies.
 WRK_TIMEOUT_S = 60
 STREAM_EVENTS = STREAM["max_tokens"] + 1  # the tokens and [DONE]
@@ -73,17 +82,25 @@ class Contender:
     rows: list[dict] = field(default_factory=list)
 
 
+def ensure_venv(venv: Path, requirement: str, command: str) -> Path:
+    """``requirement`` in a virtualenv of its own, kept out of .venv; installed once, reused."""
+    stamp = venv / ".installed"
+    if stamp.exists() and stamp.read_text().strip() == requirement:
+        return venv / "bin" / command
+    print(f"installing {requirement} into {venv.name} (once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, requirement], check=True)
+    stamp.write_text(requirement + "\n")
+    return venv / "bin" / command
+
+
 def ensure_litellm() -> Path:
-    """LiteLLM in its own virtualenv, kept out of .venv; installed once, then reused."""
-    stamp = LITELLM_VENV / ".installed"
-    if stamp.exists() and stamp.read_text().strip() == LITELLM_REQUIREMENT:
-        return LITELLM_VENV / "bin" / "litellm"
-    print(f"installing {LITELLM_REQUIREMENT} into {LITELLM_VENV.name} (once)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-    pip = [str(LITELLM_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, LITELLM_REQUIREMENT], check=True)
-    stamp.write_text(LITELLM_REQUIREMENT + "\n")
-    return LITELLM_VENV / "bin" / "litellm"
+    return ensure_venv(LITELLM_VENV, LITELLM_REQUIREMENT, "litellm")
+
+
+def ensure_vllm_router() -> Path:
+    return ensure_venv(VLLM_ROUTER_VENV, VLLM_ROUTER_REQUIREMENT, "vllm-router")
 
 
 def make_key(db: Path) -> str:
@@ -140,6 +157,16 @@ def contender(name: str, engine_url: str, engine_pid: int,
         with running(argv, env=env, ready_url=url + "/health/liveliness", timeout=180,
                      log=workdir / "litellm.log") as proc:
             yield Contender(name, url, master, [proc.pid])
+    elif name == "vllm-router":
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [str(ensure_vllm_router()), "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", engine_url, "--policy", "round_robin", "--disable-retries",
+                "--disable-circuit-breaker", "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", str(free_port()), "--log-level", "warning"]
+        with running(argv, ready_url=url + "/health", timeout=60,
+                     log=workdir / "vllm-router.log") as proc:
+            yield Contender(name, url, "unused", [proc.pid])
     else:
         raise ValueError(name)
 
@@ -245,6 +272,29 @@ def plot(path: Path, rows: list[dict], summary: list[dict], title: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def cost_verdicts(by: dict, named: dict) -> list[str]:
+    """The gateway's own cost against issue 13's targets, and beside vLLM's router."""
+    if "proxy" not in named:
+        return []
+    proxy, direct = named["proxy"], named["direct"]
+    ms = proxy["cpu_s_per_1k"]  # CPU seconds per 1,000 requests is CPU ms per request
+    ratio = proxy["events_per_s"] / direct["events_per_s"]
+    lines = [
+        f"proxy CPU per request: {ms:.3f} ms (target <= {TARGET_CPU_MS:g}): "
+        + ("met" if ms <= TARGET_CPU_MS else "MISSED"),
+        f"proxy/direct SSE events/s: {ratio:.2f}x (target >= {TARGET_DIRECT_EVENTS:g}x): "
+        + ("met" if ratio >= TARGET_DIRECT_EVENTS else "MISSED"),
+    ]
+    for name in ("proxy", "vllm-router"):
+        if name in named and {(name, 64), ("direct", 64)} <= by.keys():
+            rps = by[(name, 64)]["rps"] / by[("direct", 64)]["rps"]
+            events = named[name]["events_per_s"] / direct["events_per_s"]
+            lines.append(f"{name}: {named[name]['cpu_s_per_1k']:.3f} ms CPU per request,"
+                         f" {rps:.2f}x direct's requests/s at c=64, {events:.2f}x its SSE"
+                         " events/s")
+    return lines
+
+
 def report(rows: list[dict], summary: list[dict]) -> list[str]:
     """The printed table, and the ratio lines against LiteLLM; returns the verdicts."""
     by = {(r["contender"], r["concurrency"]): r for r in rows}
@@ -262,14 +312,16 @@ def report(rows: list[dict], summary: list[dict]) -> list[str]:
               f"{s['ttfb_p99_ms']:>9.1f} {s['cpu_s_per_1k']:>9.3f} {s['peak_rss_mb']:>11.0f} "
               f"{s['errors']:>6}")
     named = {s["contender"]: s for s in summary}
+    verdicts = cost_verdicts(by, named)
     if "proxy" not in named or "litellm" not in named:
-        return []
+        print("\n" + "\n".join(verdicts))
+        return verdicts
     if not {("proxy", 1), ("proxy", 64)} <= by.keys():
-        return []
+        return verdicts
     rps = by[("proxy", 64)]["rps"] / by[("litellm", 64)]["rps"]
     events = named["proxy"]["events_per_s"] / named["litellm"]["events_per_s"]
     added = by[("proxy", 1)]["added_p50_ms"] / by[("litellm", 1)]["added_p50_ms"]
-    verdicts = [
+    verdicts += [
         f"proxy/litellm requests/s at c=64: {rps:.1f}x (target >= {TARGET_RPS_RATIO:g}x): "
         + ("met" if rps >= TARGET_RPS_RATIO else "MISSED"),
         f"proxy/litellm SSE events/s: {events:.1f}x (target >= {TARGET_EVENTS_RATIO:g}x): "
@@ -284,9 +336,12 @@ def report(rows: list[dict], summary: list[dict]) -> list[str]:
 
 
 def run_fake(args) -> None:
-    names = [n for n in ("direct", "proxy", "nginx+tls", "litellm") if n not in args.skip]
+    names = [n for n in CONTENDERS if n not in args.skip]
+    # Installs come before any timing, so that none overlaps a measurement.
     if "litellm" in names:
-        ensure_litellm()  # before any timing, so an install never overlaps a measurement
+        ensure_litellm()
+    if "vllm-router" in names:
+        ensure_vllm_router()
     rows, summary = [], []
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         workdir = Path(tmp)
@@ -368,7 +423,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES),
                         help="wrk connection counts (the ratios need 1 and 64)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["direct", "proxy", "nginx+tls", "litellm"])
+                        choices=list(CONTENDERS))
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--engine", action="store_true", help="real vLLM instead of the fake")
     parser.add_argument("--clients", type=int, default=32)
