@@ -8,11 +8,12 @@
 import contextlib
 import functools
 import ipaddress
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -34,6 +35,9 @@ from .quota import QuotaBook
 from .settings import ProxySettings
 
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
+# Fresh request ids: unique per process start and request, without a random read per request.
+ID_PREFIX = os.urandom(8).hex()
+ID_COUNTER = itertools.count()
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/drain", "/docs", "/openapi.json"})
 log = logging.getLogger("appliance.proxy")
@@ -48,7 +52,7 @@ def request_id_from(scope) -> str:
             if SAFE_REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return f"{ID_PREFIX}{next(ID_COUNTER):016x}"
 
 
 def is_loopback(host: str | None) -> bool:

@@ -17,9 +17,11 @@ from .workers import ports, worker_settings
 
 
 def serve(settings: ProxySettings, worker: int | None) -> None:
+    """uvicorn without its X-Forwarded-For rewriting (an address parse on every request): the
+    only use of the client's address, the loopback check of /metrics, reads NGINX's X-Real-IP."""
     accesslog.configure(settings.log_level, worker)
     uvicorn.run(create_app(settings), host=settings.proxy_host, port=settings.proxy_port,
-                loop="uvloop", http="httptools", access_log=False,
+                loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
                 log_level=settings.log_level, server_header=False,
                 timeout_graceful_shutdown=30, timeout_keep_alive=settings.proxy_keepalive_s)
 
