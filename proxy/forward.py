@@ -7,6 +7,7 @@ is closed, which closes its connection, which makes vLLM abort the generation.
 """
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,6 +71,51 @@ def upstream_headers(client: list[tuple[bytes, bytes]], request_id: str, engine_
 
 def client_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in upstream if k.lower() not in HOP_BY_HOP]
+
+
+class IdleWatch:
+    """The idle deadline between chunks, with one timer per stream instead of one per chunk.
+
+    Re-arming ``asyncio.Timeout`` on every chunk (twice: off while the client is written to, on
+    while the engine is awaited) cancelled and created a timer each time, a quarter of a
+    stream's CPU in profiles. Here a chunk only notes the time; the one timer, when it fires,
+    expires the deadline if the engine has been awaited for ``idle_s``, else sleeps again until
+    it could have been.
+    """
+
+    __slots__ = ("deadline", "idle_s", "loop", "timer", "waiting_since")
+
+    def __init__(self, deadline: asyncio.Timeout, idle_s: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.deadline = deadline
+        self.idle_s = idle_s
+        self.loop = loop
+        self.waiting_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def awaiting_engine(self) -> None:
+        self.waiting_since = self.loop.time()
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.waiting_since + self.idle_s, self._check)
+
+    def writing_to_client(self) -> None:
+        self.waiting_since = None
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        expires = now + self.idle_s if self.waiting_since is None \
+            else self.waiting_since + self.idle_s
+        if expires > now:
+            self.timer = self.loop.call_at(expires, self._check)
+            return
+        self.timer = None
+        with contextlib.suppress(RuntimeError):  # the stream's deadline block has ended
+            self.deadline.reschedule(now)
 
 
 @dataclass
@@ -189,40 +235,44 @@ class Forwarder:
                     outcome: StreamOutcome) -> AsyncIterator[bytes]:
         """Yield complete SSE events as they arrive, noting usage and stripping what we added.
 
-        ``deadline`` is already armed with the first-token deadline; after each chunk it is
-        re-armed with the idle deadline, and disarmed while the client is being written to.
+        ``deadline`` is already armed with the first-token deadline; from the first chunk on the
+        idle deadline applies instead, counting only time spent awaiting the engine, not time
+        spent writing to the client (``IdleWatch``).
         """
-        loop = asyncio.get_running_loop()
-        idle_s = ex.deadlines.idle
+        watch = IdleWatch(deadline, ex.deadlines.idle, asyncio.get_running_loop())
         partial = b""
         chunks = response.aiter_raw()
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except httpx.HTTPError as exc:
-                outcome.error = self._failure(exc)
-                break
-            deadline.reschedule(None)
-            if outcome.first_chunk_at is None:
-                outcome.first_chunk_at = time.monotonic()
-            data = partial + chunk if partial else chunk
-            cut = data.rfind(b"\n\n") + 2
-            if cut == 1:
-                if len(data) <= PARTIAL_EVENT_LIMIT:
-                    partial = data
-                    deadline.reschedule(loop.time() + idle_s)
-                    continue
-                cut = len(data)
-            ready, partial = data[:cut], data[cut:]
-            if b'"usage"' in ready:
-                ready = self._take_usage(ready, ex, outcome)
-            if STREAM_ERROR in ready:
-                ready = stream_errors(ready)
-            if ready:
-                yield ready
-            deadline.reschedule(loop.time() + idle_s)
+        try:
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except httpx.HTTPError as exc:
+                    outcome.error = self._failure(exc)
+                    break
+                watch.writing_to_client()
+                if outcome.first_chunk_at is None:
+                    outcome.first_chunk_at = time.monotonic()
+                    deadline.reschedule(None)  # the first-token deadline is met
+                data = partial + chunk if partial else chunk
+                cut = data.rfind(b"\n\n") + 2
+                if cut == 1:
+                    if len(data) <= PARTIAL_EVENT_LIMIT:
+                        partial = data
+                        watch.awaiting_engine()
+                        continue
+                    cut = len(data)
+                ready, partial = data[:cut], data[cut:]
+                if b'"usage"' in ready:
+                    ready = self._take_usage(ready, ex, outcome)
+                if STREAM_ERROR in ready:
+                    ready = stream_errors(ready)
+                if ready:
+                    yield ready
+                watch.awaiting_engine()
+        finally:
+            watch.close()
         if outcome.held:  # the usage chunk never came: relay the terminal chunks as they were
             yield b"".join(_stamped(event, b"") for event in outcome.held)
         if partial:

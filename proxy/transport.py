@@ -40,6 +40,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.error: Exception | None = None
         self.idle_since = 0.0
+        self.paused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -83,7 +84,8 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > READ_PAUSE_BYTES:
+        if self.buffered > READ_PAUSE_BYTES and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
         self._wake()
 
@@ -114,12 +116,17 @@ class Connection(asyncio.Protocol):
         finally:
             self.waiter = None
 
-    def take(self) -> bytes:
-        chunk = self.chunks.popleft()
-        self.buffered -= len(chunk)
-        if self.buffered <= READ_PAUSE_BYTES // 2 and self.transport is not None:
+    def take_all(self) -> bytes:
+        """Everything received and not yet read, at once: a stream's events that arrived
+        together are relayed with one write to the client, never held back for more."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused:
+            self.paused = False
             self.transport.resume_reading()
-        return chunk
+        return data
 
     def reusable(self) -> bool:
         return not self.closed and self.complete and not self.chunks and self.keep_alive
@@ -146,7 +153,7 @@ class ResponseStream(httpx.AsyncByteStream):
         conn = self.connection
         while True:
             if conn.chunks:
-                yield conn.take()
+                yield conn.take_all()
             elif conn.complete:
                 break
             elif conn.error is not None:
