@@ -143,7 +143,7 @@ async def streams(port: int, key: str, concurrency: int, rounds: int) -> dict:
     ttfbs = sorted(r[1] for r in results)
     expected = (STREAM["max_tokens"] + 1) * len(results)
     return {"events_per_s": events / elapsed, "ttfb_p50_ms": ttfbs[len(ttfbs) // 2] * 1000,
-            "stream_errors": expected - events}
+            "stream_errors": expected - events, "events": events}
 
 
 def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path) -> dict:
@@ -153,7 +153,12 @@ def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path
     c1 = wrk(url, key, 1, args.duration, workdir)
     c64 = wrk(url, key, 64, args.duration, workdir)
     cpu = (cpu_seconds([pid]) - cpu0) if pid else 0.0
+    cpu1 = cpu_seconds([pid]) if pid else 0.0
     sse = asyncio.run(streams(port, key, 64, args.stream_rounds))
+    # CPU per relayed event: unlike events/s, it does not move with what else the machine runs.
+    events = sse.pop("events")
+    sse["sse_cpu_us_per_event"] = 1e6 * (cpu_seconds([pid]) - cpu1) / max(1, events) if pid \
+        else 0.0
     row = {"contender": name, "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"],
            "c64_rps": c64["rps"], "c64_p50_ms": c64["p50_ms"], "c64_p99_ms": c64["p99_ms"],
            "errors": c1["errors"] + c64["errors"] + sse["stream_errors"],
@@ -250,7 +255,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     columns = ["contender", "added_c1_p50_ms", "added_c1_p99_ms", "c64_rps", "c64_p50_ms",
-               "c64_p99_ms", "events_per_s", "ttfb_p50_ms", "cpu_s_per_1k", "rss_mb", "errors"]
+               "c64_p99_ms", "events_per_s", "ttfb_p50_ms", "cpu_s_per_1k",
+               "sse_cpu_us_per_event", "rss_mb", "errors"]
     print(" ".join(f"{c:>15}" for c in columns))
     for row in rows:
         cells = [f"{row[c]:>15.2f}" if isinstance(row[c], float) else f"{row[c]:>15}"
