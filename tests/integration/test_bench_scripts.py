@@ -16,14 +16,15 @@ def test_bench_compare_runs_and_counts_no_errors(tmp_path):
     run = subprocess.run([sys.executable, "scripts/bench_compare.py", "--duration", "1",
                           "--concurrency", "1", "64", "--skip", "nginx+tls", "litellm",
                           "--no-plot", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = list(csv.DictReader((tmp_path / "bench_compare.csv").open()))
     assert {(r["contender"], r["concurrency"]) for r in rows} == {
-        ("direct", "1"), ("direct", "64"), ("proxy", "1"), ("proxy", "64")}
+        (name, c) for name in ("direct", "proxy", "vllm-router") for c in ("1", "64")}
     assert all(int(r["errors"]) == 0 and float(r["rps"]) > 0 for r in rows), rows
     streams = list(csv.DictReader((tmp_path / "bench_streams.csv").open()))
-    assert [int(s["stream_errors"]) for s in streams] == [0, 0]
+    assert [int(s["stream_errors"]) for s in streams] == [0, 0, 0]
+    assert "vllm-router:" in run.stdout and "proxy CPU per request" in run.stdout
 
 
 def test_soak_runs_and_passes_its_behaviour_checks(tmp_path):
@@ -38,3 +39,13 @@ def test_soak_runs_and_passes_its_behaviour_checks(tmp_path):
     # Growth and leaks need minutes to mean anything: here only that they are measured.
     assert "proxy RSS growth" in out and "file descriptors" in out
     assert (tmp_path / "soak.csv").read_text().startswith("t_s,rss_mb,fds,requests")
+
+
+def test_bench_workers_runs_every_worker_count_without_errors(tmp_path):
+    run = subprocess.run([sys.executable, "scripts/bench_workers.py", "--workers", "1", "2",
+                          "--duration", "1", "--keys", "8", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = list(csv.DictReader((tmp_path / "bench_workers.csv").open()))
+    assert [r["contender"] for r in rows] == ["direct", "1 worker", "2 workers"]
+    assert all(int(r["errors"]) == 0 and float(r["rps"]) > 0 for r in rows), rows
