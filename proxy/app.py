@@ -23,7 +23,7 @@ from . import accesslog
 from .accesslog import RequestRecord
 from .admission import FairQueue
 from .auth import Authenticator
-from .drain import Drain
+from .drain import RELAYED, Drain, tell_siblings
 from .errors import ProxyError
 from .forward import Forwarder
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
@@ -152,7 +152,8 @@ def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
     return SharedLimiter(link), SharedQuotaBook(link, auth.period_usage), link
 
 
-def create_app(settings: ProxySettings) -> Appliance:
+def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appliance:
+    """``siblings``: the ports of the other workers of this gateway, if any."""
     metrics = Metrics()
     prepare_store(settings)
     store = functools.partial(open_store, settings.keys_location, create=False,
@@ -247,6 +248,8 @@ def create_app(settings: ProxySettings) -> Appliance:
             reason = "asked to drain"
         drain.begin(reason)
         metrics.draining.set(1)
+        if siblings and RELAYED not in request.headers:
+            await tell_siblings(settings.proxy_host, list(siblings), reason)
         return JSONResponse({"status": "draining", "reason": drain.reason, "since": drain.since})
 
     return Appliance(api, gateway, metrics, drain)

@@ -16,11 +16,11 @@ from .supervisor import Supervisor
 from .workers import ports, worker_settings
 
 
-def serve(settings: ProxySettings, worker: int | None) -> None:
+def serve(settings: ProxySettings, worker: int | None, siblings: tuple[int, ...] = ()) -> None:
     """uvicorn without its X-Forwarded-For rewriting (an address parse on every request): the
     only use of the client's address, the loopback check of /metrics, reads NGINX's X-Real-IP."""
     accesslog.configure(settings.log_level, worker)
-    uvicorn.run(create_app(settings), host=settings.proxy_host, port=settings.proxy_port,
+    uvicorn.run(create_app(settings, siblings), host=settings.proxy_host, port=settings.proxy_port,
                 loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
                 log_level=settings.log_level, server_header=False,
                 timeout_graceful_shutdown=30, timeout_keep_alive=settings.proxy_keepalive_s)
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.worker is not None:
-        serve(worker_settings(settings, args.worker), args.worker)
+        own = worker_settings(settings, args.worker)
+        siblings = tuple(p for p in ports(settings) if p != own.proxy_port)
+        serve(own, args.worker, siblings)
         return
     count = settings.proxy_workers
     listening = ", ".join(f"{settings.proxy_host}:{p}" for p in ports(settings))

@@ -205,6 +205,23 @@ def test_a_crashed_worker_is_replaced_on_its_port(stack):
     assert stack.metric('appliance_requests_total{key="survivor') == 2 * len(names)
 
 
+def test_a_drain_asked_of_the_gateway_drains_every_worker(stack):
+    """appliance-spot-watch posts /drain to the gateway's port; every worker must stop taking
+    generation requests, whichever keys it serves."""
+    names = [f"drained{i}" for i in range(8)]
+    for name in names:
+        stack.gateway.key(name)
+    asked = httpx.post(f"http://127.0.0.1:{stack.first_port}/drain", json={"reason": "spot"})
+    assert asked.status_code == 200
+    for port in range(stack.first_port, stack.first_port + WORKERS):
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready")
+        assert ready.status_code == 503 and "spot" in ready.json()["error"]["message"]
+    for name in names:
+        refused = stack.post({"Authorization": f"Bearer {stack.gateway.key(name)}"}, CHAT)
+        assert refused.status_code == 503, name
+    assert stack.metric("appliance_draining ") == 1
+
+
 def test_stopping_the_service_stops_every_worker(fake, tmp_path):
     with workers_stack(fake.url, tmp_path) as s:
         pids = s.worker_pids()
