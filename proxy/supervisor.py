@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .keys import KeyStore
 from .settings import ProxySettings
 
 log = logging.getLogger("appliance.proxy")
@@ -75,6 +76,8 @@ class Supervisor:
                  self.settings.proxy_port + index)
 
     def run(self) -> int:
+        # The store's schema is made or upgraded once, here, not by every worker at once.
+        KeyStore(self.settings.keys_db).close()
         directory, owned = metrics_dir()
         env = {**os.environ, MULTIPROC_ENV: str(directory),
                "APPLIANCE_PROXY_WORKERS": str(self.count)}
