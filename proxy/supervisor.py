@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .keys import KeyStore
+from .app import prepare_store
 from .settings import ProxySettings
 
 log = logging.getLogger("appliance.proxy")
@@ -77,7 +77,7 @@ class Supervisor:
 
     def run(self) -> int:
         # The store's schema is made or upgraded once, here, not by every worker at once.
-        KeyStore(self.settings.keys_db).close()
+        prepare_store(self.settings)
         directory, owned = metrics_dir()
         env = {**os.environ, MULTIPROC_ENV: str(directory),
                "APPLIANCE_PROXY_WORKERS": str(self.count)}
