@@ -9,10 +9,11 @@ import re
 
 import httpx
 
-from tests.e2e.engine_stack import SERVED_NAME
+from tests.e2e.engine_stack import MAX_MODEL_LEN, SERVED_NAME
 from tests.e2e.test_through_proxy import ledger, settled
 from tests.integration.test_gateway import wait_for
 
+ASKED = MAX_MODEL_LEN - 24
 VOLATILE = re.compile(rb'"(id|created)":("[^"]*"|\d+)')
 CONTENT = re.compile(rb'"content":"((?:[^"\\]|\\.)*)"')
 
@@ -55,7 +56,10 @@ def test_a_streams_bytes_are_what_vllm_sends_a_client_that_asked_for_no_usage(gw
 def test_an_abandoned_stream_is_billed_for_what_the_engine_generated(gw, vllm):
     name = "e2e-abandon"
     counter = "vllm:generation_tokens_total"
-    body = {"model": SERVED_NAME, "prompt": "Hello", "max_tokens": 400, "stream": True,
+    # As long as the context allows (as the disconnect test does): the tiny model on CPU can
+    # finish 400 tokens before a busy machine's hang-up reaches vLLM, and then nothing was
+    # abandoned at all.
+    body = {"model": SERVED_NAME, "prompt": "Hello", "max_tokens": ASKED, "stream": True,
             "ignore_eos": True}
     before_usage = settled(lambda: ledger(gw, name)) if gw.keys.get(name) else (0, 0, 0)
     before = settled(lambda: vllm.metric(counter))
@@ -73,5 +77,5 @@ def test_an_abandoned_stream_is_billed_for_what_the_engine_generated(gw, vllm):
     billed = completion - before_usage[2]
     print(f"engine generated {generated:.0f} tokens, the key was billed {billed}")
     assert requests - before_usage[0] == 1
-    assert generated < 400  # it was abandoned, not run to the end
+    assert generated < ASKED  # it was abandoned, not run to the end
     assert generated / 2 <= billed <= generated
