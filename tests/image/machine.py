@@ -2,7 +2,11 @@
 its own: commands enter the container's namespaces with ``nsenter``, as an SSH session would.
 
 Always ``--private-network``: the image's provisioners enable a firewall, which in the host's
-network namespace would rewrite the host's own.
+network namespace would rewrite the host's own. Always the unified cgroup hierarchy (cgroup v2)
+and the ``bpf()`` system call, as on the real image: systemd enforces ``IPAddressDeny=`` and
+``DevicePolicy=`` with BPF programs on cgroup v2, and without either (nspawn's defaults on a host
+with the hybrid layout, like this project's build machine) those directives silently do
+nothing, while ``systemctl show`` and ``systemd-analyze security`` still count them.
 """
 
 import os
@@ -23,12 +27,12 @@ class Machine:
 
     def boot(self, timeout: float = 60.0) -> None:
         """Start systemd as the container's PID 1 and find it in the host's PID namespace."""
-        argv = [*NSPAWN, "--quiet", "--boot", "--console=passive", f"--machine={self.name}",
-                "-D", str(self.root), *self.binds]  # fmt: skip
+        argv = [*NSPAWN, "--quiet", "--boot", "--console=passive", "--system-call-filter=bpf",
+                f"--machine={self.name}", "-D", str(self.root), *self.binds]  # fmt: skip
         log = open(self.console, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"},
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout

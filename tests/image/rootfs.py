@@ -50,9 +50,9 @@ def host_debian_mirror(sources: list[Path]) -> str:
             if uris and suites and SUITE in suites.group(1).split():
                 return uris.group(1)
         for line in text.splitlines():
-            fields = line.split()
-            if len(fields) >= 3 and fields[0] == "deb" and fields[-2] == SUITE:
-                return fields[-3] if not fields[1].startswith("[") else fields[2]
+            fields = re.sub(r"\[[^]]*\]", "", line).split()  # without [options]
+            if len(fields) >= 3 and fields[0] == "deb" and fields[2] == SUITE:
+                return fields[1]
     raise RuntimeError(f"no Debian {SUITE} source in {[str(p) for p in sources]}")
 
 
@@ -107,6 +107,15 @@ def base_root() -> tuple[Path, float]:
 
 
 def fresh_copy(base: Path, dest: Path) -> None:
-    shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     run(["cp", "-a", "--reflink=auto", str(base), str(dest)])
+
+
+def discard(path: Path) -> None:
+    """Move a previous run out of the way and delete it in the background: a provisioned root
+    is gigabytes of small files, and the new run need not wait for them."""
+    if not path.exists():
+        return
+    trash = CACHE / f"trash-{time.time_ns()}"
+    path.rename(trash)
+    subprocess.Popen(["rm", "-rf", str(trash)], start_new_session=True)

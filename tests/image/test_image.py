@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from tests.image.provision import (
     upload_sources,
     wheelhouse,
 )
-from tests.image.rootfs import CACHE, base_root, fresh_copy
+from tests.image.rootfs import CACHE, base_root, discard, fresh_copy
 from tests.servers import ROOT, stop
 
 pytestmark = pytest.mark.timeout(2400)
@@ -86,7 +87,7 @@ def image() -> Path:
     """The provisioned, powered-off root file system: what Packer would snapshot."""
     require_tools()
     run_dir = CACHE / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    discard(run_dir)
     run_dir.mkdir(parents=True)
     with phase("debootstrap base (cached per ami/)"):
         base, _ = base_root()
@@ -210,13 +211,12 @@ def instance(image: Path):
     run_dir = CACHE / "run"
     node = Instance(image, run_dir)
     try:
-        with phase("instance boots (first boot from user data)"):
+        with phase("instance boots: first boot from user data, until the engine answers"):
             state = node.boot(USER_DATA)
-        FINDINGS.append(f"first boot: system {state}")
-        with phase("engine ready (vLLM loads the tiny model)"):
             assert node.wait_active("appliance-engine") == "active", node.machine.run(
                 ["journalctl", "-u", "appliance-engine", "-n", "40", "--no-pager"], check=False
             ).stdout
+        FINDINGS.append(f"first boot: system {state}")
         yield node
     finally:
         if node.machine.proc is not None and node.machine.proc.poll() is None:
@@ -303,6 +303,9 @@ def test_services_run_as_appliance_with_their_sandbox_in_force(instance, unit):
     assert status["Uid"].split()[0] == str(image_uid(instance.root))
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"  # filter mode
+    limits = instance.machine.run(["cat", f"/proc/{pid}/limits"]).stdout
+    open_files = next(line for line in limits.splitlines() if "open files" in line)
+    FINDINGS.append(f"{unit} (pid {pid}): {' '.join(open_files.split())}")
     assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
     mounts = instance.machine.run(["cat", f"/proc/{pid}/mountinfo"]).stdout.splitlines()
     options = {line.split()[4]: line.split()[5] for line in mounts}
@@ -312,6 +315,42 @@ def test_services_run_as_appliance_with_their_sandbox_in_force(instance, unit):
     if unit == "appliance-proxy":
         uid_map = instance.machine.run(["cat", f"/proc/{pid}/uid_map"]).stdout.split()
         assert uid_map[:3] != ["0", "0", "4294967295"], "PrivateUsers=yes: no user namespace"
+
+
+def test_gateway_reaches_nothing_beyond_loopback(instance):
+    """The gateway's IPAddressDeny=/IPAddressAllow=, as systemd loaded them, enforced here: a
+    probe under the same two settings reaches loopback but not a listener on another address
+    (192.0.2.1, added to the loopback device of the container's private network namespace:
+    the fence filters by address, not by device)."""
+    m = instance.machine
+    m.run(["sh", "-c", "ip addr show dev lo | grep -q 192.0.2.1/32 || "
+           "ip addr add 192.0.2.1/32 dev lo"])  # fmt: skip
+    m.run(["systemd-run", "--unit=fence-listener", "--collect", "python3", "-m", "http.server",
+           "--bind", "192.0.2.1", "9170"])  # fmt: skip
+    # A dropped connection times out (errno None); either way it is not open.
+    probe = (
+        "import socket,sys,time\n"
+        "for host, port in (('127.0.0.1', 8080), ('192.0.2.1', 9170)):\n"
+        "    for attempt in range(int(sys.argv[1])):\n"
+        "        try:\n"
+        "            socket.create_connection((host, port), timeout=3).close()\n"
+        "            print(host, 'open'); break\n"
+        "        except OSError as e:\n"
+        "            error = e.errno; time.sleep(0.5)\n"
+        "    else:\n"
+        "        print(host, 'refused', error)\n"
+    )
+    fence = instance.show("appliance-proxy", "IPAddressDeny", "IPAddressAllow")
+    outside = m.run(["python3", "-c", probe, "20"]).stdout  # until the listener is up
+    inside = m.run(["systemd-run", "--wait", "--pipe", "--quiet", "--collect",
+                    *(f"--property={k}={v}" for k, v in fence.items()),
+                    "python3", "-c", probe, "1"]).stdout  # fmt: skip
+    m.run(["systemctl", "stop", "fence-listener"], check=False)
+    FINDINGS.append(f"gateway's IP fence {fence}: without it {outside.split()}; "
+                    f"with it {inside.split()}")  # fmt: skip
+    assert "192.0.2.1 open" in outside, outside  # the listener is there
+    assert "127.0.0.1 open" in inside, inside
+    assert "192.0.2.1 refused" in inside, inside
 
 
 def test_exposure_scores_from_inside(instance):
@@ -361,9 +400,14 @@ def test_engine_restart_under_a_live_stream(instance):
         instance.machine.run(["systemctl", "restart", "--no-block", "appliance-engine"])
         recovery = instance.ask("until_ok", key=key, timeout=ENGINE_READY_S)
         stream = instance.ask("stream_result")
+    kinds = Counter(
+        f"{r['status']} {r['code']}" + (" with Retry-After" if r["retry_after"] else "")
+        for r in recovery["refusals"]
+    )
     FINDINGS.append(
-        f"engine restart: stream ended {stream}; {len(recovery['refusals'])} refusals, "
-        f"first {recovery['refusals'][:1]}; recovered after {recovery['recovered_after']} s"
+        f"engine restart: the live stream ended {stream}; requests meanwhile, in order of "
+        f"first appearance: {dict(kinds)}; answered again after "
+        f"{recovery['recovered_after']:.1f} s, gateway not restarted"
     )
     assert recovery["recovered_after"] is not None, recovery
     unavailable = [r for r in recovery["refusals"] if r["code"] == "engine_unavailable"]
