@@ -415,6 +415,7 @@ def test_engine_restart_under_a_live_stream(instance):
     assert all(r["status"] == 503 and r["retry_after"] for r in unavailable), unavailable
     assert stream["outcome"] != "open", stream
     assert instance.show("appliance-proxy", "MainPID", "NRestarts") == proxy_before
+    assert instance.wait_active("appliance-engine") == "active"  # its health check passed too
 
 
 def journal(instance: Instance, *args: str) -> str:
