@@ -21,7 +21,7 @@ if ! grep -q "^${package}==${version} " "$lock"; then
 fi
 locked_python="$(sed -n 's/.* for Python \([0-9.]*\),$/\1/p' "$lock" | head -1)"
 python="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-if [ "$python" != "$locked_python" ]; then
+if [ "$python" != "$(cut -d. -f1,2 <<<"$locked_python")" ]; then
     echo "ami/${lock_name} is for Python ${locked_python}, this base image has ${python}:" \
         "pick the flavour's base image or regenerate the lock for ${python}" >&2
     exit 1

