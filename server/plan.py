@@ -17,7 +17,17 @@ from server.settings import EngineSettings
 from server.vllm_build import VllmBuild
 
 GIB = 2**30
+MIB = 2**20
 Device = Literal["gpu", "cpu"]
+
+CPU_RUNTIME_RESERVE_BYTES = 2 * GIB
+"""What vLLM's processes (Python, torch, activations) take on CPU beside weights and KV cache."""
+CPU_KV_CACHE_SHARE = 0.5
+"""The KV cache's share of the memory left over; the rest stays for the OS, NGINX, the gateway."""
+CPU_KV_CACHE_MIN_BYTES = 64 * MIB
+CPU_KV_CACHE_MAX_BYTES = 4 * GIB
+"""CPU decoding is compute-bound: past this, a bigger cache only admits sequences the cores
+cannot serve at a useful speed, while the memory is better left to the page cache."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,8 @@ class EnginePlan:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     cluster: Cluster = SINGLE_NODE
+    kv_cache_memory_bytes: int | None = None
+    """Per rank; None leaves the size to vLLM (the GPU memory fraction)."""
     reasons: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
 
@@ -94,6 +106,7 @@ def plan_engine(
     build: VllmBuild,
     model: ModelInfo,
     cpus: tuple[int, ...],
+    available_memory: int | None = None,
 ) -> EnginePlan:
     reasons: list[str] = []
     errors: list[str] = []
@@ -137,6 +150,13 @@ def plan_engine(
         errors.extend(weight_fit_errors(model.weight_bytes, gpus[:tp], tp, cluster.nodes,
                                         settings.gpu_memory_utilization))
 
+    kv_cache_bytes = settings.kv_cache_memory_bytes
+    if kv_cache_bytes:
+        reasons.append(f"KV cache of {kv_cache_bytes / MIB:.0f} MiB, as configured")
+    elif device == "cpu":
+        kv_cache_bytes, why = cpu_kv_cache_bytes(available_memory, model.weight_bytes, tp)
+        (reasons if kv_cache_bytes else errors).append(why)
+
     if not is_loopback(settings.engine_host):
         errors.append(
             f"APPLIANCE_ENGINE_HOST={settings.engine_host} is not a loopback address: "
@@ -164,6 +184,7 @@ def plan_engine(
         tool_call_parser=parsers.tool_call_parser,
         reasoning_parser=parsers.reasoning_parser,
         cluster=cluster,
+        kv_cache_memory_bytes=kv_cache_bytes,
         reasons=tuple(reasons),
         errors=tuple(errors),
     )
@@ -185,3 +206,38 @@ def weight_fit_errors(weight_bytes: int, gpus: list[Gpu], tp: int, nodes: int,
         f"({utilization:.0%} of {min(g.memory_bytes for g in gpus) / GIB:.1f} GiB): use more "
         f"GPUs or nodes, a quantized model, or a higher APPLIANCE_GPU_MEMORY_UTILIZATION"
     ]
+
+
+def cpu_kv_cache_bytes(available: int | None, weight_bytes: int, tp: int) -> tuple[int | None, str]:
+    """The KV cache per rank on CPU, sized from the memory actually free, and why.
+
+    vLLM's CPU build otherwise reserves a fixed fraction of the node's whole memory and refuses
+    to start when less than that is free, which is the normal state of a developer's machine.
+    """
+    if available is None:
+        return None, (
+            "cannot size the KV cache: this host does not report its available memory; "
+            "set APPLIANCE_KV_CACHE_MEMORY_BYTES"
+        )
+    spare = available - weight_bytes - CPU_RUNTIME_RESERVE_BYTES * tp
+    share = int(spare * CPU_KV_CACHE_SHARE / tp) // MIB * MIB
+    per_rank = min(share, CPU_KV_CACHE_MAX_BYTES)
+    if per_rank < CPU_KV_CACHE_MIN_BYTES:
+        return None, (
+            f"only {available / GIB:.1f} GiB of memory is available: the weights "
+            f"({weight_bytes / GIB:.1f} GiB), {CPU_RUNTIME_RESERVE_BYTES / GIB:.0f} GiB per rank "
+            f"for vLLM itself and a KV cache of at least {CPU_KV_CACHE_MIN_BYTES // MIB} MiB do "
+            "not fit; free memory or set APPLIANCE_KV_CACHE_MEMORY_BYTES"
+        )
+    ranks = f" per rank ({tp} ranks)" if tp > 1 else ""
+    cap = (
+        f", at most {CPU_KV_CACHE_MAX_BYTES / GIB:.0f} GiB (CPU decoding is compute-bound)"
+        if per_rank < share
+        else ""
+    )
+    return per_rank, (
+        f"KV cache of {per_rank / MIB:.0f} MiB{ranks}: {CPU_KV_CACHE_SHARE:.0%} of what is left "
+        f"of the {available / GIB:.1f} GiB of memory available once the weights "
+        f"({weight_bytes / GIB:.1f} GiB) and {CPU_RUNTIME_RESERVE_BYTES / GIB:.0f} GiB per rank "
+        f"for vLLM itself are set aside{cap}; APPLIANCE_KV_CACHE_MEMORY_BYTES fixes a size"
+    )

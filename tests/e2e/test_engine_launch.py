@@ -41,6 +41,15 @@ def test_dry_run_prints_the_plan_and_the_command_but_not_the_key(env):
     assert "internal-secret-value" not in result.stdout + result.stderr
 
 
+def test_cpu_defaults_size_the_kv_cache_from_free_memory(env):
+    """vLLM's CPU default (a fixed share of all RAM) refuses to start on a busy machine."""
+    env = {k: v for k, v in env.items() if k != "APPLIANCE_KV_CACHE_MEMORY_BYTES"}
+    result = launch(env | {"APPLIANCE_DEVICE": "cpu"}, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "of memory available once the weights" in result.stderr
+    assert "--kv-cache-memory-bytes" in result.stderr
+
+
 def test_missing_model_directory_is_refused(env, tmp_path):
     result = launch(env | {"APPLIANCE_MODEL": str(tmp_path / "absent")}, "--dry-run")
     assert result.returncode == EXIT_PREFLIGHT

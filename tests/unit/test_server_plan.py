@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 from server.gpus import Gpu
 from server.model import ModelInfo
 from server.plan import (
+    CPU_KV_CACHE_MAX_BYTES,
+    CPU_KV_CACHE_MIN_BYTES,
     auto_tensor_parallel_size,
     choose_device,
+    cpu_kv_cache_bytes,
     plan_engine,
     served_name_for,
     vllm_can_split,
@@ -18,7 +21,9 @@ from server.plan import (
 from server.settings import EngineSettings
 
 GIB = 2**30
+MIB = 2**20
 CPUS = (0, 1)
+MEMORY = 16 * GIB
 
 
 def gpus(count: int, memory_gib: float = 80) -> list[Gpu]:
@@ -156,15 +161,16 @@ def test_missing_vllm_is_refused():
 
 
 def test_cpu_build_runs_on_cpu_with_size_one_by_default():
-    plan = plan_engine(settings(), [], "cpu", model(heads=4, kv_heads=2, weight_gib=0.01), CPUS)
+    tiny = model(heads=4, kv_heads=2, weight_gib=0.01)
+    plan = plan_engine(settings(), [], "cpu", tiny, CPUS, MEMORY)
     assert plan.ok
     assert (plan.device, plan.tensor_parallel_size) == ("cpu", 1)
 
 
 def test_cpu_tensor_parallel_is_bounded_by_cores():
     tiny = model(heads=4, kv_heads=2, weight_gib=0.01)
-    assert plan_engine(settings(tensor_parallel_size=2), [], "cpu", tiny, CPUS).ok
-    plan = plan_engine(settings(tensor_parallel_size=4), [], "cpu", tiny, CPUS)
+    assert plan_engine(settings(tensor_parallel_size=2), [], "cpu", tiny, CPUS, MEMORY).ok
+    plan = plan_engine(settings(tensor_parallel_size=4), [], "cpu", tiny, CPUS, MEMORY)
     assert any("needs 4 CPU cores, this host has 2" in e for e in plan.errors)
 
 
@@ -197,3 +203,67 @@ def test_served_name(spec, configured, expected):
         served_name_for(EngineSettings(_env_file=None, model=spec, served_model_name=configured))
         == expected
     )
+
+
+def test_cpu_kv_cache_fits_the_memory_actually_available():
+    """The reported failure: 13.7 of 15.09 GiB free, where vLLM's own 92% did not fit."""
+    tiny = model(heads=4, kv_heads=2, weight_gib=0.01)
+    plan = plan_engine(settings(), [], "cpu", tiny, CPUS, int(13.7 * GIB))
+    assert plan.ok
+    assert plan.kv_cache_memory_bytes is not None
+    assert plan.kv_cache_memory_bytes <= (13.7 - 2) / 2 * GIB
+    assert plan.kv_cache_memory_bytes % MIB == 0
+    assert any("KV cache of" in r and "13.7 GiB" in r for r in plan.reasons)
+
+
+@given(
+    available=st.integers(min_value=0, max_value=2**40),
+    weights=st.integers(min_value=0, max_value=2**38),
+    tp=st.integers(min_value=1, max_value=8),
+)
+def test_cpu_kv_cache_never_takes_more_than_is_left(available, weights, tp):
+    size, why = cpu_kv_cache_bytes(available, weights, tp)
+    if size is None:
+        assert "APPLIANCE_KV_CACHE_MEMORY_BYTES" in why
+    else:
+        assert CPU_KV_CACHE_MIN_BYTES <= size <= CPU_KV_CACHE_MAX_BYTES
+        assert weights + tp * (size + 2 * GIB) <= available
+
+
+def test_cpu_kv_cache_is_capped_on_big_hosts():
+    size, why = cpu_kv_cache_bytes(256 * GIB, GIB, 1)
+    assert size == CPU_KV_CACHE_MAX_BYTES
+    assert "at most 4 GiB" in why
+
+
+def test_cpu_kv_cache_is_split_over_ranks():
+    one, _ = cpu_kv_cache_bytes(12 * GIB, GIB, 1)
+    two, why = cpu_kv_cache_bytes(12 * GIB, GIB, 2)
+    assert one and two and two < one / 2 + 1
+    assert "per rank (2 ranks)" in why
+
+
+def test_too_little_memory_on_cpu_is_refused_with_the_fix():
+    tiny = model(heads=4, kv_heads=2, weight_gib=0.01)
+    plan = plan_engine(settings(), [], "cpu", tiny, CPUS, 2 * GIB)
+    assert not plan.ok
+    assert any("2.0 GiB of memory is available" in e for e in plan.errors)
+    assert plan_engine(settings(kv_cache_memory_bytes=64 * MIB), [], "cpu", tiny, CPUS, GIB).ok
+
+
+def test_unknown_memory_on_cpu_asks_for_a_size():
+    tiny = model(heads=4, kv_heads=2, weight_gib=0.01)
+    plan = plan_engine(settings(), [], "cpu", tiny, CPUS, None)
+    assert any("APPLIANCE_KV_CACHE_MEMORY_BYTES" in e for e in plan.errors)
+
+
+def test_configured_kv_cache_wins_on_cpu():
+    tiny = model(heads=4, kv_heads=2, weight_gib=0.01)
+    plan = plan_engine(settings(kv_cache_memory_bytes=256 * MIB), [], "cpu", tiny, CPUS, MEMORY)
+    assert plan.kv_cache_memory_bytes == 256 * MIB
+    assert any("256 MiB, as configured" in r for r in plan.reasons)
+
+
+def test_gpu_leaves_the_kv_cache_to_the_memory_fraction():
+    plan = plan_engine(settings(), gpus(1), "gpu", model(), CPUS, MEMORY)
+    assert plan.kv_cache_memory_bytes is None
