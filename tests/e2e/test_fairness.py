@@ -13,7 +13,6 @@ import time
 
 from tests.e2e.engine_stack import MAX_NUM_SEQS
 from tests.e2e.noisy_neighbour import Stream, client_for, completion, timed_stream
-from tests.integration.proxy_stack import gateway
 
 FLOOD = 6 * MAX_NUM_SEQS
 QUIET_REQUESTS = 3
@@ -57,13 +56,8 @@ async def noisy_and_quiet(url: str, noisy_key: str, quiet_key: str) -> tuple[lis
     return floods, quiets
 
 
-def test_a_flood_from_one_key_does_not_queue_another_keys_requests_behind_it(vllm, tmp_path):
-    """On a gateway of its own, and a vLLM that earlier tests have left idle: the order judged
-    is this flood's and these quiet requests', nothing else's."""
-    vllm.wait_idle()
-    with gateway(vllm.url, tmp_path, engine_api_key=vllm.key, max_num_seqs=MAX_NUM_SEQS) as gw:
-        floods, quiets = asyncio.run(noisy_and_quiet(gw.url, gw.key("noisy"),
-                                                     gw.key("quiet")))
+def test_a_flood_from_one_key_does_not_queue_another_keys_requests_behind_it(gw, vllm):
+    floods, quiets = asyncio.run(noisy_and_quiet(gw.url, gw.key("noisy"), gw.key("quiet")))
     vllm.wait_idle()
 
     assert [(q.status, q.done, q.error, q.tokens[-1:]) for q in quiets] == [
