@@ -205,6 +205,26 @@ def report_from_row(row: tuple, day: str, month: str) -> KeyReport:
                      day if key.quota_period == "day" else month, period_tokens)
 
 
+def reports_query(name: str | None, now: float, mark: str) -> tuple[str, tuple, str, str]:
+    """The one query behind ``reports`` for both backends (``mark``: the driver's placeholder),
+    its arguments, and the day and month it reads quota use for."""
+    day, month = period_label("day", now), period_label("month", now)
+    query = (
+        f"SELECT {', '.join('k.' + field for field in KEY_FIELDS)},"
+        " COALESCE(u.requests, 0), COALESCE(u.prompt_tokens, 0),"
+        " COALESCE(u.completion_tokens, 0),"
+        " COALESCE(p.prompt_tokens + p.completion_tokens, 0)"
+        " FROM keys k LEFT JOIN usage u ON u.name = k.name"
+        " LEFT JOIN period_usage p ON p.name = k.name"
+        f" AND p.period = CASE k.quota_period WHEN 'day' THEN {mark} ELSE {mark} END"
+    )
+    args: tuple = (day, month)
+    if name is not None:
+        query += f" WHERE k.name = {mark}"
+        args = (*args, name)
+    return query + " ORDER BY k.created_at", args, day, month
+
+
 class KeyStore(Protocol):
     """What the gateway and ``appliance-keys`` ask of a key store, whichever backend holds it.
 

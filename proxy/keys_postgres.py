@@ -21,7 +21,6 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .keys import (
     KEY_COLUMNS,
-    KEY_FIELDS,
     PERIODS,
     Key,
     KeyExists,
@@ -35,6 +34,7 @@ from .keys import (
     new_secret,
     period_label,
     report_from_row,
+    reports_query,
     setting_columns,
 )
 
@@ -244,22 +244,9 @@ class PostgresKeyStore:
 
     def reports(self, name: str | None = None, now: float | None = None) -> list[KeyReport]:
         now = time.time() if now is None else now
-        day, month = period_label("day", now), period_label("month", now)
-        query = (
-            f"SELECT {', '.join('k.' + field for field in KEY_FIELDS)},"
-            " COALESCE(u.requests, 0), COALESCE(u.prompt_tokens, 0),"
-            " COALESCE(u.completion_tokens, 0),"
-            " COALESCE(p.prompt_tokens + p.completion_tokens, 0)"
-            " FROM keys k LEFT JOIN usage u ON u.name = k.name"
-            " LEFT JOIN period_usage p ON p.name = k.name"
-            " AND p.period = CASE k.quota_period WHEN 'day' THEN %s ELSE %s END"
-        )
-        args: tuple = (day, month)
-        if name is not None:
-            query += " WHERE k.name = %s"
-            args = (*args, name)
+        query, args, day, month = reports_query(name, now, "%s")
         with self.connection() as conn:
-            rows = conn.execute(query + " ORDER BY k.created_at", args).fetchall()
+            rows = conn.execute(query, args).fetchall()
         if name is not None and not rows:
             raise UnknownKey(f"no key named {name!r}")
         return [report_from_row(row, day, month) for row in rows]

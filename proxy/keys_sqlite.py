@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .keys import (
     KEY_COLUMNS,
-    KEY_FIELDS,
     PERIODS,
     Key,
     KeyExists,
@@ -32,6 +31,7 @@ from .keys import (
     new_secret,
     period_label,
     report_from_row,
+    reports_query,
     setting_columns,
 )
 
@@ -270,21 +270,8 @@ class SqliteKeyStore:
     def reports(self, name: str | None = None, now: float | None = None) -> list[KeyReport]:
         """Settings and usage of every key, or of ``name``; periods are those ``now`` is in."""
         now = time.time() if now is None else now
-        day, month = period_label("day", now), period_label("month", now)
-        query = (
-            f"SELECT {', '.join('k.' + field for field in KEY_FIELDS)},"
-            " COALESCE(u.requests, 0), COALESCE(u.prompt_tokens, 0),"
-            " COALESCE(u.completion_tokens, 0),"
-            " COALESCE(p.prompt_tokens + p.completion_tokens, 0)"
-            " FROM keys k LEFT JOIN usage u ON u.name = k.name"
-            " LEFT JOIN period_usage p ON p.name = k.name"
-            " AND p.period = CASE k.quota_period WHEN 'day' THEN ? ELSE ? END"
-        )
-        args: tuple = (day, month)
-        if name is not None:
-            query += " WHERE k.name = ?"
-            args = (*args, name)
-        rows = self.db.execute(query + " ORDER BY k.created_at", args).fetchall()
+        query, args, day, month = reports_query(name, now, "?")
+        rows = self.db.execute(query, args).fetchall()
         if name is not None and not rows:
             raise UnknownKey(f"no key named {name!r}")
         return [report_from_row(row, day, month) for row in rows]
