@@ -35,6 +35,7 @@ from .quota import LimitsUnavailable, QuotaExceeded, Reservation
 
 log = logging.getLogger("appliance.proxy")
 RETRY_S = 1.0
+POOL_WAIT_S = 10.0
 LEASE_S = 30
 PREFIX = "appliance:"
 
@@ -46,11 +47,14 @@ def script(name: str) -> str:
 def connect(url: str, pool_size: int, timeout_s: float) -> aioredis.Redis:
     """One client over ``pool_size`` connections; no retries: an error falls through.
 
-    A busy pool makes a call wait (up to ``timeout_s``) for a free connection rather than fail
-    at once, so a burst of requests is not mistaken for Redis being down.
+    ``timeout_s`` bounds what Redis itself takes (connecting, answering). A busy pool is this
+    gateway's own congestion, not Redis failing: a call waits up to ``POOL_WAIT_S`` for a free
+    connection, so a burst of requests on a loaded machine is not mistaken for Redis being down
+    (which would refuse every quota key for ``RETRY_S``).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=pool_size, timeout=timeout_s, socket_timeout=timeout_s,
+        url, max_connections=pool_size, timeout=max(POOL_WAIT_S, timeout_s),
+        socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
     return aioredis.Redis(connection_pool=pool)
 

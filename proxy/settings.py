@@ -47,7 +47,8 @@ class ProxySettings(BaseSettings):
     limits_pool_size: int = Field(16, ge=1)
     """Redis connections each gateway keeps."""
     limits_timeout_s: PositiveFloat = 0.25
-    """The longest wait for Redis before a call counts as failed (see the README's fleet mode)."""
+    """The longest wait for Redis to connect or answer before a call counts as failed (see the
+    README's fleet mode); waiting for a free pooled connection is not counted."""
 
     proxy_host: str = "127.0.0.1"
     proxy_port: int = Field(8080, ge=1, le=65535)

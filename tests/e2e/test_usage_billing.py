@@ -54,13 +54,30 @@ def test_a_streams_bytes_are_what_vllm_sends_a_client_that_asked_for_no_usage(gw
 
 
 def test_an_abandoned_stream_is_billed_for_what_the_engine_generated(gw, vllm):
+    """Every try is billed between half and all of what vLLM generated for it, and at least one
+    of three is truly abandoned (vLLM stopped before the end).
+
+    The stream is as long as the context allows (as in the disconnect test), yet the tiny model
+    on CPU can still finish it before the hang-up reaches vLLM through two processes; such a try
+    abandoned nothing, so it is billed but does not count as the abandoned one.
+    """
     name = "e2e-abandon"
-    counter = "vllm:generation_tokens_total"
-    # As long as the context allows (as the disconnect test does): the tiny model on CPU can
-    # finish 400 tokens before a busy machine's hang-up reaches vLLM, and then nothing was
-    # abandoned at all.
     body = {"model": SERVED_NAME, "prompt": "Hello", "max_tokens": ASKED, "stream": True,
             "ignore_eos": True}
+    tries = []
+    for _ in range(3):
+        generated, billed = abandon(gw, vllm, name, body)
+        print(f"engine generated {generated:.0f} tokens, the key was billed {billed}")
+        assert generated / 2 <= billed <= generated
+        tries.append(generated)
+        if generated < ASKED:
+            break
+    assert min(tries) < ASKED, f"vLLM ran every try to its end: {tries}"
+
+
+def abandon(gw, vllm, name: str, body: dict) -> tuple[float, int]:
+    """Read five events of a stream and hang up: what vLLM generated, what the key was billed."""
+    counter = "vllm:generation_tokens_total"
     before_usage = settled(lambda: ledger(gw, name)) if gw.keys.get(name) else (0, 0, 0)
     before = settled(lambda: vllm.metric(counter))
     with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=gw.headers(name),
@@ -74,8 +91,5 @@ def test_an_abandoned_stream_is_billed_for_what_the_engine_generated(gw, vllm):
     generated = settled(lambda: vllm.metric(counter)) - before
     wait_for(lambda: ledger(gw, name)[0] > before_usage[0], timeout=30)
     requests, _, completion = settled(lambda: ledger(gw, name))
-    billed = completion - before_usage[2]
-    print(f"engine generated {generated:.0f} tokens, the key was billed {billed}")
     assert requests - before_usage[0] == 1
-    assert generated < ASKED  # it was abandoned, not run to the end
-    assert generated / 2 <= billed <= generated
+    return generated, completion - before_usage[2]

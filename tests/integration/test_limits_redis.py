@@ -120,3 +120,20 @@ def test_rate_limits_fall_back_to_the_gateways_own_buckets(url, redis_store):
         assert shared_gauge(metrics) == 0
 
     asyncio.run(go())
+
+
+def test_a_call_waits_for_a_busy_pool_longer_than_redis_may_take_to_answer(url):
+    """Every pooled connection taken is this gateway's congestion, not Redis down: a call waits
+    for one past ``timeout_s`` (the bound on Redis itself) instead of failing."""
+    async def go():
+        client = connect(url, 1, 0.1)
+        pool = client.connection_pool
+        held = await pool.get_connection()
+        asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(
+            pool.release(held)))
+        started = time.monotonic()
+        assert await client.ping()
+        assert time.monotonic() - started >= 0.4
+        await client.aclose()
+
+    asyncio.run(go())
