@@ -7,8 +7,10 @@ gateway has over asyncio protocols with httptools' C parser:
 
 - a LIFO pool of keep-alive connections; a connection the engine closed leaves the pool when
   the loop reports it (no polling);
-- idle connections expire before the engine's own keep-alive timeout, so requests are never
-  sent into a closing connection and never need a retry;
+- idle connections expire before the engine's own keep-alive timeout (vLLM's 5 s by default;
+  ``appliance-engine`` gives it a minute, so a stalled gateway still never sends a request
+  into a connection the engine is closing); a failed request is a real failure, never retried:
+  the engine may have started generating it;
 - closing a response before its end closes the connection, which is how the engine learns the
   client is gone and aborts the generation.
 
@@ -27,8 +29,7 @@ import httptools
 import httpx
 
 READ_PAUSE_BYTES = 1 << 20
-# Below uvicorn's (and so vLLM's) 5 s keep-alive timeout, so the gateway never sends a request
-# on a connection the engine is closing; a failed request is then a real failure, never retried.
+# Below uvicorn's (and so vLLM's) default 5 s keep-alive timeout.
 KEEPALIVE_EXPIRY_S = 4.0
 
 
@@ -52,6 +53,7 @@ class Connection(asyncio.Protocol):
         self.headers_done = False
         self.keep_alive = False
         self.complete = False
+        self.answering = False
         self.waiter: asyncio.Future | None = None
 
     # asyncio.Protocol
@@ -60,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.answering = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -68,8 +71,13 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
+        if self.complete or self.error is not None:
+            return
+        if self.answering:
             self._fail(httpx.RemoteProtocolError("the engine closed the connection mid-answer"))
+        else:
+            self._fail(httpx.RemoteProtocolError(
+                "the engine closed the connection before answering"))
 
     # httptools callbacks
 

@@ -12,6 +12,7 @@ from server.cluster import vllm_cluster_args
 from server.plan import EnginePlan
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+ENGINE_KEEPALIVE_S = 60
 
 
 def engine_argv(plan: EnginePlan, python: str) -> list[str]:
@@ -52,9 +53,12 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
 
 
 def engine_env(plan: EnginePlan, api_key: str, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment vLLM runs with: the internal key, no phoning home, CPU thread pinning."""
+    """The environment vLLM runs with: the internal key, no phoning home, CPU thread pinning,
+    and keep-alive connections held far longer than the gateway keeps them idle (see
+    ``proxy/transport.py``), so the engine never closes one as a request arrives on it."""
     env = {key: value for key, value in base.items() if key != "APPLIANCE_ENGINE_API_KEY"}
     env["VLLM_API_KEY"] = api_key
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEPALIVE_S))
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     if plan.device == "cpu" and plan.tensor_parallel_size > 1:

@@ -13,15 +13,18 @@ class Wire:
     """A tiny HTTP/1.1 server: counts connections, sees EOFs, answers as told."""
 
     def __init__(self, close_after_answer: bool = False, stall: bool = False,
-                 chunks: int = 3) -> None:
+                 chunks: int = 3, drop_request: int | None = None) -> None:
         self.connections = 0
         self.eofs = 0
         self.close_after_answer = close_after_answer
         self.stall = stall
         self.chunks = chunks
+        self.drop_request = drop_request
+        self.requests = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writer = writer
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -30,6 +33,10 @@ class Wire:
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
+                self.requests += 1
+                if self.requests == self.drop_request:
+                    writer.close()
+                    return
                 if self.stall:
                     await reader.read()
                     self.eofs += 1
@@ -114,3 +121,30 @@ def test_nothing_listening_is_a_connect_error():
                 await client.get(f"http://127.0.0.1:{transport.port}/health")
 
     asyncio.run(body())
+
+
+def test_a_connection_closed_before_an_answer_is_an_error_not_sent_again():
+    """Even on a kept-alive connection: the engine may have started generating it."""
+    wire = Wire(drop_request=2)
+
+    async def body(client):
+        await client.post("/x", content=b"{}")
+        with pytest.raises(httpx.RemoteProtocolError, match="before answering"):
+            await client.post("/x", content=b"{}")
+
+    asyncio.run(with_server(wire, body))
+    assert (wire.requests, wire.connections) == (2, 1)
+
+
+def test_a_connection_closed_mid_answer_is_an_error_not_sent_again():
+    wire = Wire(chunks=10)
+
+    async def body(client):
+        await client.post("/x", content=b"{}")
+        async with client.stream("POST", "/x", content=b"{}") as response:
+            with pytest.raises(httpx.RemoteProtocolError, match="mid-answer"):
+                async for _ in response.aiter_raw():
+                    wire.writer.close()
+
+    asyncio.run(with_server(wire, body))
+    assert (wire.requests, wire.connections) == (2, 1)

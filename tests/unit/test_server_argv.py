@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.transport import KEEPALIVE_EXPIRY_S
 from server.argv import API_SERVER_MODULE, cpu_thread_binding, engine_argv, engine_env
 from server.gpus import Gpu
 from server.model import ModelInfo
@@ -50,6 +51,14 @@ def test_the_internal_key_is_never_on_the_command_line():
     assert env["VLLM_API_KEY"] == "s3cret-internal"
     assert "APPLIANCE_ENGINE_API_KEY" not in env
     assert env["PATH"] == "/bin"
+
+
+def test_the_engine_keeps_connections_alive_well_past_the_gateways_idle_expiry():
+    """A connection the engine closes as a request arrives on it fails that request."""
+    env = engine_env(plan_for("gpu"), "k", {})
+    assert int(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) >= 10 * KEEPALIVE_EXPIRY_S
+    assert engine_env(plan_for("gpu"), "k", {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "9"})[
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "9"
 
 
 def test_overrides_reach_vllm():
