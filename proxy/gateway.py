@@ -299,7 +299,7 @@ class Gateway:
             self.metrics.upstream_aborts.labels("client_disconnected").inc()
             raise
         if response.status_code >= 400:
-            raise self.engine_error(ex, response)
+            raise await self.engine_failure(ex, response)
         if is_models_route(ex.record.route):
             await ex.answer(200, JSON_HEADERS,
                             models_answer(ex.record.route, response.content, ex.allowed_models))
@@ -344,7 +344,7 @@ class Gateway:
         """Relay the engine's answer to the client: its error as it is, else event by event."""
         if response.status_code >= 400:
             await response.aread()
-            raise self.engine_error(ex, response)
+            raise await self.engine_failure(ex, response)
         if response.status_code != 200:
             await response.aread()
             await ex.answer(response.status_code, client_headers(response.headers),
@@ -368,11 +368,21 @@ class Gateway:
         context = await self.forwarder.context_length(body.get("model"))
         return with_output_cap(body, path, output_cap(self.settings.default_max_tokens, context))
 
-    @staticmethod
-    def engine_error(ex: Exchange, response) -> ProxyError:
-        """The engine's error in OpenAI's shape; the engine's own words go to the log."""
+    async def engine_failure(self, ex: Exchange, response) -> ProxyError:
+        """The engine's error in OpenAI's shape; the engine's own words go to the log.
+
+        A server error from an engine whose health check fails as well is the engine going
+        away, not this request's fault (vLLM answers 500s while it drains for a restart): the
+        client gets 503 ``engine_unavailable`` with Retry-After, and requests are refused early
+        until the engine is healthy again.
+        """
         log.info("engine answered %d on %s (request %s): %s", response.status_code,
                  ex.record.route, ex.record.request_id, response.content[:2000])
+        if response.status_code >= 500:
+            healthy, why = await self.forwarder.engine_health()
+            if not healthy:
+                return engine_unavailable(f"The engine failed and its health check fails too "
+                                          f"({why}); retry shortly.")
         return engine_error(response.status_code, response.content, ex.record.method,
                             ex.record.route)
 

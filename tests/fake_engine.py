@@ -8,7 +8,8 @@ crashing answers:
               "delay": 2.0, "status": 500}}
 
 ``GET /fake/stats`` reports what it saw: disconnects, completions, the last request's
-headers and body. It is never the only test of a behaviour the real vLLM shows.
+headers and body. ``POST /fake/unhealthy`` fails its health check until ``DELETE``. It is
+never the only test of a behaviour the real vLLM shows.
 
 Run it: ``python -m tests.fake_engine --port 8000 [--api-key K] [--ready-after S]``.
 """
@@ -47,6 +48,7 @@ class FakeEngine:
     def __init__(self, api_key: str = "", ready_after: float = 0.0) -> None:
         self.api_key = api_key
         self.ready_at = time.monotonic() + ready_after
+        self.unhealthy = False
         self.stats = Stats()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -61,8 +63,12 @@ class FakeEngine:
         path, method = scope["path"], scope["method"]
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         if path == "/health":
-            ready = time.monotonic() >= self.ready_at
+            ready = time.monotonic() >= self.ready_at and not self.unhealthy
             await respond(send, 200 if ready else 503, {} if ready else error("loading", 503))
+            return
+        if path == "/fake/unhealthy":
+            self.unhealthy = method == "POST"
+            await respond(send, 200, {})
             return
         if path == "/fake/stats":
             await respond(send, 200, self.stats.as_dict())

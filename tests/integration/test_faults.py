@@ -52,6 +52,34 @@ def test_engine_killed_mid_stream_then_back(tmp_path):
                                         json=CHAT).status_code == 200, 5)
 
 
+def test_server_errors_from_an_engine_going_away_are_503_with_retry_after(fake, tmp_path):
+    """vLLM draining for a restart answers 500 ("cannot schedule new futures after shutdown")
+    and fails its health check: clients get 503 engine_unavailable, not the 500, until it is
+    healthy again. A 500 from a healthy engine is that request's own failure and stays one."""
+    failing = {**CHAT, "fake": {"status": 500}}
+    with gateway(fake.url, tmp_path) as p:
+        own = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(), json=failing)
+        assert own.status_code == 500 and error_of(own)["code"] == "internal_error"
+        try:
+            for body in (failing, {**failing, "stream": True}):
+                httpx.post(fake.url + "/fake/unhealthy")
+                refused = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                                     json=body)
+                assert refused.status_code == 503, refused.text
+                assert error_of(refused)["code"] == "engine_unavailable"
+                assert int(refused.headers["retry-after"]) > 0
+                completed = fake.stats()["completed"]
+                early = httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                                   json=CHAT)
+                assert early.status_code == 503 and early.headers["retry-after"]
+                assert fake.stats()["completed"] == completed, "refused before the engine"
+                httpx.delete(fake.url + "/fake/unhealthy")
+                wait_for(lambda: httpx.post(p.url + "/v1/chat/completions", headers=p.headers(),
+                                            json=CHAT).status_code == 200, 5)
+        finally:
+            httpx.delete(fake.url + "/fake/unhealthy")
+
+
 def test_engine_slow_to_start_gives_503_with_retry_after_until_healthy(tmp_path):
     with engine("--ready-after", "8") as slow, gateway(slow.url, tmp_path) as p:
         ready = httpx.get(p.url + "/ready")
