@@ -5,6 +5,7 @@
       └── FastAPI     /health, /ready, /metrics, the OpenAPI description
 """
 
+import asyncio
 import contextlib
 import functools
 import ipaddress
@@ -30,7 +31,7 @@ from .gateway import GENERATION_ROUTES, Gateway, forwarded
 from .keys import StoreUnavailable, is_postgres, open_store
 from .ledger import Ledger
 from .limits import RateLimiter
-from .metrics import Metrics
+from .metrics import Metrics, QuotaFamilies
 from .quota import QuotaBook
 from .settings import ProxySettings
 
@@ -232,7 +233,14 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
         refused = local_only(request, "Metrics are served to")
         if refused is not None:
             return refused
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        try:
+            reports = await asyncio.to_thread(auth.reports)
+        except Exception as exc:  # the rest of the scrape stands without them
+            log.warning("quota gauges left out of this scrape: the key store failed (%s)",
+                        type(exc).__name__)
+            reports = []
+        return PlainTextResponse(metrics.render() + QuotaFamilies(reports).render(),
+                                 media_type="text/plain; version=0.0.4")
 
     # Kept out of the OpenAPI description: a local control for appliance-spot-watch, not API.
     @api.post("/drain", include_in_schema=False)

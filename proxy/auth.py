@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from .errors import ProxyError, unauthorized
-from .keys import Key, KeyStore, StoreUnavailable
+from .keys import Key, KeyReport, KeyStore, StoreUnavailable
 
 CACHE_LIMIT = 10_000
 
@@ -79,6 +79,12 @@ class Authenticator:
         """Tokens ``name`` used in ``period``, for its quota (blocking: run it in a thread)."""
         with self.lock:
             return self._store().period_usage(name, period)
+
+    def reports(self) -> list[KeyReport]:
+        """Every key with its use this period, for the quota gauges (blocking: run it in a
+        thread)."""
+        with self.lock:
+            return self._store().reports()
 
     def _store(self) -> KeyStore:
         """The open store, reopened when it went away (a SQLite file removed or replaced)."""

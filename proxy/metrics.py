@@ -8,11 +8,15 @@ ones (``livesum``: a dead worker's queue is gone with it).
 """
 
 import os
+import time
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .admission import Observer
+from .keys import KeyReport
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -99,3 +103,33 @@ class Metrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=directory)
         return generate_latest(merged)
+
+
+class QuotaFamilies:
+    """Each usable key's token quota and what is left of it in the current period.
+
+    Read from the key store at scrape time (usage reaches it every
+    ``APPLIANCE_USAGE_FLUSH_INTERVAL_S``), so every worker, and every gateway of a fleet on one
+    store, reports the same figures, and a key nobody uses still shows how much it has left.
+    """
+
+    def __init__(self, reports: Iterable[KeyReport], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.reports = [r for r in reports if r.key.quota_tokens is not None
+                        and r.key.usable(now)]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        quota = GaugeMetricFamily("appliance_key_quota_tokens",
+                                  "Tokens a key may use per quota period (day or month, UTC).",
+                                  labels=["key", "period"])
+        left = GaugeMetricFamily("appliance_key_quota_remaining_tokens",
+                                 "Tokens a key has left of its quota this period, as of the last"
+                                 " usage flush to the key store.", labels=["key", "period"])
+        for report in self.reports:
+            labels = [report.key.name, report.key.quota_period]
+            quota.add_metric(labels, report.key.quota_tokens)
+            left.add_metric(labels, report.quota_left)
+        return [quota, left]
+
+    def render(self) -> bytes:
+        return generate_latest(self)

@@ -93,6 +93,9 @@ def traffic(gw) -> None:
 
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(chat, range(18)))
+    gw.key("grafana-metered-key", "--quota-tokens", "100000")
+    gw.client("grafana-metered-key").completions.create(model=SERVED_NAME, prompt="hello",
+                                                         max_tokens=4)
     gw.key("grafana-limited-key", "--rpm", "1")
     limited = gw.client("grafana-limited-key")
     limited.completions.create(model=SERVED_NAME, prompt="hello", max_tokens=4)
@@ -159,7 +162,7 @@ def test_dashboard_has_the_panels_operators_look_for():
     assert {"E2E request latency", "Time to first token", "Inter-token latency",
             "Token throughput", "Scheduler state", "KV cache usage", "Prefix cache hit rate",
             "Finish reasons", "Requests by key and status", "Rate-limit and quota refusals",
-            "Tokens per key", "Queue wait"} <= titles
+            "Tokens per key", "Queue wait", "Quota left per key"} <= titles
 
 
 def test_every_panel_query_returns_a_series(prometheus):

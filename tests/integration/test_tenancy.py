@@ -207,3 +207,32 @@ def test_update_takes_effect_without_a_restart_and_keeps_usage(gw):
     assert usage_row(gw, "changing")[0] >= 1
     assert keys_cli(gw.db, "update", "changing", "--all-models").returncode == 0
     wait_for(lambda: not refused())
+
+
+def quota_gauges(p) -> dict[tuple[str, str], float]:
+    """(family, key) -> value for the two quota gauges in one scrape."""
+    found = {}
+    for line in httpx.get(p.url + "/metrics").text.splitlines():
+        for family in ("appliance_key_quota_tokens", "appliance_key_quota_remaining_tokens"):
+            if line.startswith(family + "{"):
+                key = line.split('key="', 1)[1].split('"', 1)[0]
+                found[family, key] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_metrics_show_each_quota_and_what_is_left_of_it(fake, tmp_path):
+    """The near-quota alert reads these: a key's quota, and its quota less what it used this
+    period, for keys with a quota that can still be used; none for the others."""
+    with gateway(fake.url, tmp_path) as p:
+        p.key("metered", "--quota-tokens", "5000", "--quota-period", "month")
+        p.key("unmetered")
+        p.key("gone", "--quota-tokens", "10")
+        keys_cli(p.db, "revoke", "gone")
+        assert quota_gauges(p) == {("appliance_key_quota_tokens", "metered"): 5000,
+                                   ("appliance_key_quota_remaining_tokens", "metered"): 5000}
+        answer = httpx.post(p.url + "/v1/chat/completions", headers=p.headers("metered"),
+                            json=CHAT).json()
+        spent = answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+        wait_for(lambda: quota_gauges(p)[
+            "appliance_key_quota_remaining_tokens", "metered"] == 5000 - spent)
+        assert 'period="month"' in httpx.get(p.url + "/metrics").text

@@ -335,3 +335,4 @@ def test_report_reads_the_period_the_key_has_now(store, monkeypatch):
     assert report.total == Usage("alice", 1, 30, 10)
     with pytest.raises(UnknownKey):
         store.report("nobody")
+
