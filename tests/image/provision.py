@@ -42,10 +42,13 @@ def source_paths() -> list[str]:
 
 
 def provisioner_env() -> dict[str, str]:
-    """What the template passes the scripts with ``-var flavor=cpu`` and no model to bake."""
+    """What the template passes the scripts with ``-var flavor=cpu -var prometheus=true`` and
+    no model to bake (the CloudWatch agent comes from AWS, out of reach here)."""
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
     return {
         "FLAVOR": "cpu",
+        "PROMETHEUS": "true",
+        "CLOUDWATCH": "false",
         "NVIDIA_DRIVER_BRANCH": template_default("nvidia_driver_branch"),
         "APPLIANCE_SRC": SRC,
         "VLLM_VERSION": template_default("vllm_version"),

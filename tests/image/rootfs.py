@@ -23,6 +23,8 @@ PRESEED_PACKAGES = (
     # ami/10-packages.sh's list, so that its install finds them in place ...
     "nginx", "certbot", "ufw", "logrotate", "curl", "ca-certificates", "openssl", "jq",
     "python3", "python3-venv", "python3-dev", "build-essential", "pciutils", "libnuma1",
+    # ... ami/65-observability.sh's with -var prometheus=true ...
+    "prometheus", "prometheus-blackbox-exporter",
     # ... and what an EC2 Debian image has that the provisioners use.
     "iproute2", "procps", "sudo",
 )  # fmt: skip

@@ -272,6 +272,33 @@ def test_services_are_active_and_renewal_is_enabled(instance):
     FINDINGS.append("unit states: " + ", ".join(states))
 
 
+def test_prometheus_on_the_instance_scrapes_the_appliance_and_loads_its_alerts(instance):
+    """``-var prometheus=true``: Debian's Prometheus and blackbox exporter with the bundle's
+    configuration, on loopback only, every target up, the appliance's alerts loaded."""
+    m = instance.machine
+    for unit in ("prometheus", "prometheus-blackbox-exporter"):
+        assert instance.wait_active(unit, 120) == "active", unit
+    listening = [line.split()[3] for line in m.run(["ss", "-Hltn"]).stdout.splitlines()]
+    for port in ("9090", "9115"):
+        local = [address for address in listening if address.endswith(":" + port)]
+        assert local and all(a.startswith("127.0.0.1:") for a in local), (port, local)
+
+    def api(path: str) -> dict:
+        return json.loads(m.run(["curl", "-sf", f"http://127.0.0.1:9090/api/v1/{path}"]).stdout)
+
+    deadline, health = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        targets = api("targets")["data"]["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in targets}
+        if set(health.values()) == {"up"}:
+            break
+        time.sleep(3)
+    assert health == {"appliance-gateway": "up", "vllm": "up", "appliance-tls": "up"}, targets
+    rules = {r["name"] for g in api("rules")["data"]["groups"] for r in g["rules"]}
+    assert {"ApplianceEngineDown", "ApplianceKeyNearQuota"} <= rules, rules
+    FINDINGS.append(f"prometheus on the instance: targets {health}, {len(rules)} alert rules")
+
+
 HARDENING = {
     "appliance-engine": {
         "User": "appliance", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
@@ -411,9 +438,11 @@ def test_engine_restart_under_a_live_stream(instance):
         f"{recovery['recovered_after']:.1f} s, gateway not restarted"
     )
     assert recovery["recovered_after"] is not None, recovery
-    unavailable = [r for r in recovery["refusals"] if r["code"] == "engine_unavailable"]
-    assert unavailable, recovery["refusals"]
-    assert all(r["status"] == 503 and r["retry_after"] for r in unavailable), unavailable
+    # Every refusal while the engine drains, stops and loads again says "come back", never a
+    # server error of the engine's passed through (vLLM answers 500s as it drains).
+    assert recovery["refusals"], "the restart went unnoticed"
+    assert all(r["status"] == 503 and r["code"] == "engine_unavailable" and r["retry_after"]
+               for r in recovery["refusals"]), recovery["refusals"]
     assert stream["outcome"] != "open", stream
     assert instance.show("appliance-proxy", "MainPID", "NRestarts") == proxy_before
     assert instance.wait_active("appliance-engine") == "active"  # its health check passed too
