@@ -8,6 +8,7 @@ is closed, which closes its connection, which makes vLLM abort the generation.
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ HOP_BY_HOP = frozenset(
 )
 # Client headers the engine may see; everything else (cookies, the client's key) stays here.
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
+log = logging.getLogger("appliance.proxy")
 PARTIAL_EVENT_LIMIT = 1 << 20
 FINISHED = re.compile(rb'"finish_reason":\s*"')
 FINGERPRINT = re.compile(rb',\s*"system_fingerprint":\s*"[^"]*"')
@@ -204,6 +206,9 @@ class Forwarder:
             raise engine_unavailable("The engine is not ready; the model may still be loading.")
 
     def _failure(self, exc: httpx.HTTPError) -> ProxyError:
+        """The client's error for a failed exchange with the engine; the cause goes to the log
+        (the client gets only the kind of failure)."""
+        log.warning("engine exchange failed: %s: %s", type(exc).__name__, exc)
         if isinstance(exc, httpx.ConnectError):
             self.engine_ready = False
             self.on_error("connect")
