@@ -2,10 +2,14 @@
 real vLLM whose batch (``APPLIANCE_MAX_NUM_SEQS``) is small and known to the gateway.
 
 Judged by order, never by time. A flood of six batches is sent at once; once a batch of it
-streams, a quiet key sends short requests one after another. vLLM starts requests in the order
+streams, a quiet key sends a few short requests together. vLLM starts requests in the order
 they reach it (its request log), so it tells who went first: first come, first served (vLLM's
 own queue, or a gateway that only forwards) starts every flood request before any quiet one;
-fair admission lets each quiet request in at the next free slot, ahead of the flood's backlog.
+fair admission gives the quiet key the next free slots, taking turns with the flood's backlog.
+
+The quiet requests go together rather than one after another (as ``scripts/bench_fairness.py``
+sends them) so that the order does not depend on how fast the machine is: how many flood
+requests start while one quiet request runs is a matter of time, not of fairness.
 """
 
 import asyncio
@@ -26,12 +30,12 @@ def flood_tokens(i: int) -> int:
 
 
 async def noisy_and_quiet(url: str, noisy_key: str, quiet_key: str) -> tuple[list, list]:
-    """The whole flood at once; once a batch of it streams, the quiet requests one by one.
+    """The whole flood at once; once a batch of it streams, the quiet requests together.
 
     A first quiet request before the flood, not judged, opens the quiet client's connection.
     """
     quiets: list[Stream] = []
-    async with client_for(FLOOD) as noisy, client_for(1) as quiet:
+    async with client_for(FLOOD) as noisy, client_for(QUIET_REQUESTS) as quiet:
         await timed_stream(quiet, url, quiet_key, completion("Quiet hello:", 1),
                            Stream(sent=time.perf_counter()))
         floods = [Stream(sent=time.perf_counter()) for _ in range(FLOOD)]
@@ -45,11 +49,12 @@ async def noisy_and_quiet(url: str, noisy_key: str, quiet_key: str) -> tuple[lis
                 if flooding.done():
                     break
                 await asyncio.sleep(0.05)
-            for i in range(QUIET_REQUESTS):
-                record = Stream(sent=time.perf_counter())
-                quiets.append(record)
-                await timed_stream(quiet, url, quiet_key, completion(f"Quiet {i}:", QUIET_TOKENS),
-                                   record)
+            quiets = [Stream(sent=time.perf_counter()) for _ in range(QUIET_REQUESTS)]
+            await asyncio.gather(*(
+                timed_stream(quiet, url, quiet_key, completion(f"Quiet {i}:", QUIET_TOKENS),
+                             record)
+                for i, record in enumerate(quiets)
+            ))
         finally:
             flooding.cancel()
             await asyncio.gather(flooding, return_exceptions=True)
@@ -72,5 +77,8 @@ def test_a_flood_from_one_key_does_not_queue_another_keys_requests_behind_it(gw,
         ahead = len(flood_ids & set(order[: order.index(quiet.id)]))
         print(f"quiet request {i} started after {ahead} of the {FLOOD} flood requests, all sent "
               "before it")
-        assert ahead <= FLOOD - MAX_NUM_SEQS, (
+        # Equal weights: the batch the flood filled, then quiet and flood take turns (8, 9, 10
+        # here); requests freed in the same instant may reach vLLM in either order, so the bound
+        # is the flood's next batch. First come, first served gives all 48.
+        assert ahead <= 2 * MAX_NUM_SEQS, (
             f"quiet request {i} started after {ahead} of the {FLOOD} flood requests")
