@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark the gateway against the fake engine directly and against a minimal pass-through.
 
-One run, same machine, same load, three contenders:
+One run, same machine, same load, four contenders:
   direct   the fast fake engine itself (tests/fake_engine.py)
-  floor    a ~30-line FastAPI + httpx pass-through defined below: the least a Python proxy costs
+  floor    a ~30-line FastAPI + httpx pass-through defined below: the usual Python proxy
+  bare     uvicorn and the gateway's own engine transport, nothing else (``bare_app``): what any
+           Python gateway on uvicorn pays before it checks a key; the gap to ``proxy`` is what
+           the gateway's features cost, the gap to ``direct`` what relaying costs in Python
   proxy    appliance-proxy with auth, rate limits, usage and metrics on
 
 Non-streaming load comes from wrk (C, not the bottleneck); streams from a raw asyncio client
@@ -60,11 +63,41 @@ def floor_app(upstream: str):
     return app
 
 
-def serve_floor(port: int, upstream: str) -> None:
+def bare_app(upstream: str):
+    """Pure ASGI: read the body, send it on one of the transport's pooled connections, relay
+    the answer chunk by chunk. No routing, no key, no limit, no usage, no metric."""
+    import httpx
+
+    from proxy.forward import client_headers
+    from proxy.transport import EngineTransport
+
+    url = httpx.URL(upstream)
+    transport = EngineTransport(url.host, url.port)
+    headers = [(b"content-type", b"application/json")]
+
+    async def app(scope, receive, send) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        answer = await transport.send(scope["method"].encode(), scope["path"].encode(), headers,
+                                      body, 5.0, None)
+        await send({"type": "http.response.start", "status": answer.status_code,
+                    "headers": client_headers(answer.headers)})
+        async for chunk in answer.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def serve_floor(port: int, upstream: str, bare: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(floor_app(upstream), host="127.0.0.1", port=port, log_level="warning",
-                loop="uvloop", http="httptools", access_log=False)
+    app = bare_app(upstream) if bare else floor_app(upstream)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop",
+                http="httptools", access_log=False, lifespan="off")
 
 
 WRK_SCRIPT = """
@@ -176,14 +209,15 @@ def main() -> None:
                         help="also measure the gateway as committed at this git ref")
     parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor:
-        serve_floor(int(args.serve_floor[0]), args.serve_floor[1])
+        serve_floor(int(args.serve_floor[0]), args.serve_floor[1], args.bare)
         return
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    engine_port, floor_port, proxy_port = free_port(), free_port(), free_port()
+    engine_port, floor_port, bare_port, proxy_port = (free_port() for _ in range(4))
     engine_url = f"http://127.0.0.1:{engine_port}"
     db = workdir / "keys.db"
     key = subprocess.run([str(VENV_BIN / "appliance-keys"), "--db", str(db), "create", "--name",
@@ -198,11 +232,15 @@ def main() -> None:
         floor = stack.enter_context(running(
             [sys.executable, __file__, "--serve-floor", str(floor_port), engine_url],
             ready_url=f"http://127.0.0.1:{floor_port}/health"))
+        bare = stack.enter_context(running(
+            [sys.executable, __file__, "--serve-floor", str(bare_port), engine_url, "--bare"],
+            ready_url=f"http://127.0.0.1:{bare_port}/health"))
         proxy = stack.enter_context(running(
             [str(VENV_BIN / "appliance-proxy"), "--port", str(proxy_port)], env=env,
             ready_url=f"http://127.0.0.1:{proxy_port}/ready"))
         rows.append(measure("direct", engine_port, engine.pid, key, args, workdir))
         rows.append(measure("floor", floor_port, floor.pid, key, args, workdir))
+        rows.append(measure("bare", bare_port, bare.pid, key, args, workdir))
         rows.append(measure("proxy", proxy_port, proxy.pid, key, args, workdir))
         if args.baseline:
             source = checkout(args.baseline, workdir)
@@ -217,7 +255,7 @@ def main() -> None:
         row["added_c1_p50_ms"] = row["c1_p50_ms"] - direct["c1_p50_ms"]
         row["added_c1_p99_ms"] = row["c1_p99_ms"] - direct["c1_p99_ms"]
     print_table(rows)
-    floor_row, proxy_row = rows[1], rows[2]
+    floor_row, proxy_row = rows[1], rows[3]
     print(f"\nproxy/floor requests/s at c=64: {proxy_row['c64_rps'] / floor_row['c64_rps']:.2f}x"
           f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
     if args.csv:
