@@ -5,6 +5,7 @@ running this same command with ``--worker INDEX`` (``proxy/supervisor.py``).
 """
 
 import argparse
+import gc
 import logging
 
 import uvicorn
@@ -20,7 +21,16 @@ def serve(settings: ProxySettings, worker: int | None, siblings: tuple[int, ...]
     """uvicorn without its X-Forwarded-For rewriting (an address parse on every request): the
     only use of the client's address, the loopback check of /metrics, reads NGINX's X-Real-IP."""
     accesslog.configure(settings.log_level, worker)
-    uvicorn.run(create_app(settings, siblings), host=settings.proxy_host, port=settings.proxy_port,
+    app = create_app(settings, siblings)
+    # What start-up made (modules, FastAPI's routes, pydantic's models) lives as long as the
+    # process: frozen, the collector stops walking it on every full collection. A request
+    # leaves little cyclic garbage (a cancelled task, an exception's frames), so the youngest
+    # generation is collected every 10,000 allocations rather than 700: a few percent of a
+    # small request's CPU was the collector.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
+    uvicorn.run(app, host=settings.proxy_host, port=settings.proxy_port,
                 loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
                 log_level=settings.log_level, server_header=False,
                 timeout_graceful_shutdown=30, timeout_keep_alive=settings.proxy_keepalive_s)
