@@ -43,6 +43,19 @@ def gauge(metrics: str, name: str, key: str) -> int:
     return int(float(match.group(1))) if match else 0
 
 
+async def whole_flood_in(client: httpx.AsyncClient, url: str, flooding: asyncio.Future) -> None:
+    """Until every flood request is in the gateway: let in (the first batch at once, the rest
+    after waiting) or waiting. A client busy reading the first batch can be slow to send the
+    rest, and quiet requests that came first would rightly go first."""
+    while not flooding.done():
+        metrics = (await client.get(url + "/metrics")).text
+        arrived = MAX_NUM_SEQS + gauge(metrics, "appliance_queue_wait_seconds_count", "noisy") \
+            + gauge(metrics, "appliance_queue_depth", "noisy")
+        if arrived >= FLOOD:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def when_all_queued(client: httpx.AsyncClient, url: str, waited_before: int,
                           quieting: asyncio.Future) -> tuple[int, int]:
     """Once every quiet request is in the gateway (waiting, or let in after waiting: every slot
@@ -86,6 +99,7 @@ async def noisy_and_quiet(url: str, noisy_key: str,
                     break
                 await asyncio.sleep(0.05)
             async with client_for(1) as observer:
+                await whole_flood_in(observer, url, flooding)
                 quiets = [Stream(sent=time.perf_counter()) for _ in range(QUIET_REQUESTS)]
                 quieting = asyncio.gather(*(
                     timed_stream(quiet, url, quiet_key,
