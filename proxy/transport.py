@@ -7,11 +7,10 @@ gateway has over asyncio protocols with httptools' C parser:
 
 - a LIFO pool of keep-alive connections; a connection the engine closed leaves the pool when
   the loop reports it (no polling);
-- idle connections expire before the engine's own keep-alive timeout (vLLM's 5 s by default,
-  a minute as ``appliance-engine`` starts it), counted from when the engine's answer ended, not
-  from when a slow client let the gateway finish relaying it; so no request is sent into a
-  connection the engine is closing, and a failed request is a real failure, never retried
-  (the engine may have started generating it);
+- idle connections expire before the engine's own keep-alive timeout (vLLM's 5 s by default;
+  ``appliance-engine`` gives it a minute, so a stalled gateway still never sends a request
+  into a connection the engine is closing); a failed request is a real failure, never retried:
+  the engine may have started generating it;
 - closing a response before its end closes the connection, which is how the engine learns the
   client is gone and aborts the generation.
 
@@ -99,9 +98,6 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        # The engine's keep-alive timer starts now, not when the gateway has relayed the
-        # answer: a slow client can hold the last chunk for seconds.
-        self.idle_since = time.monotonic()
         self.complete = True
         self._wake()
 
@@ -237,6 +233,7 @@ class EngineTransport(httpx.AsyncBaseTransport):
 
     def release(self, conn: Connection) -> None:
         if conn.reusable():
+            conn.idle_since = time.monotonic()
             self.idle.append(conn)
         else:
             conn.close()
