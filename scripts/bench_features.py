@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import csv
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import wrk  # noqa: E402
+from scripts.bench_proxy import bench_key, wrk  # noqa: E402
 from scripts.procstats import cpu_seconds  # noqa: E402
-from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
+from tests.servers import fake_engine, free_port, running  # noqa: E402
 
 FEATURES = ("metrics", "watch", "admission", "usage", "limits")
 VARIANTS = {"full": (), **{f"no-{f}": (f,) for f in FEATURES}, "none": FEATURES, "bare": None}
@@ -97,13 +96,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-features-"))
     engine_port = free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
-    db = workdir / "keys.db"
-    key = subprocess.run([str(VENV_BIN / "appliance-keys"), "--db", str(db), "create", "--name",
-                          "bench", "--rpm", "100000000", "--tpm", "1000000000"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
-           "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_MAX_INFLIGHT": "1024",
-           "APPLIANCE_PROXY_WORKERS": "1"}
+    key, env = bench_key(workdir, engine_url)
+    env["APPLIANCE_PROXY_WORKERS"] = "1"
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with running(fake_engine(engine_port), ready_url=engine_url + "/health"):
         for _ in range(args.rounds):

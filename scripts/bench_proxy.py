@@ -200,6 +200,17 @@ def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path
     return row
 
 
+def bench_key(workdir: Path, engine_url: str) -> tuple[str, dict[str, str]]:
+    """A key whose limits never bind, and the gateway's environment for a benchmark run."""
+    db = workdir / "keys.db"
+    key = subprocess.run([str(VENV_BIN / "appliance-keys"), "--db", str(db), "create", "--name",
+                          "bench", "--rpm", "100000000", "--tpm", "1000000000"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
+           "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_MAX_INFLIGHT": "1024"}
+    return key, env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
@@ -219,12 +230,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     engine_port, floor_port, bare_port, proxy_port = (free_port() for _ in range(4))
     engine_url = f"http://127.0.0.1:{engine_port}"
-    db = workdir / "keys.db"
-    key = subprocess.run([str(VENV_BIN / "appliance-keys"), "--db", str(db), "create", "--name",
-                          "bench", "--rpm", "100000000", "--tpm", "1000000000"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
-           "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_MAX_INFLIGHT": "1024"}
+    key, env = bench_key(workdir, engine_url)
     rows = []
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(running(fake_engine(engine_port),
