@@ -22,6 +22,14 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    arrived: float = 0.0
+    """When it came, on the wall clock (``started`` is monotonic, for its duration) ..."""
+    queued: float | None = None
+    """... when it asked for its turn at the engine, its body read and its key's limits passed
+    (None: it never did) ..."""
+    admitted: float | None = None
+    """... and when the engine got it (None: never), on the same clock, so that instants order
+    across requests: who waited, and who went first."""
 
 
 WORKER: dict[str, int] = {}
@@ -40,9 +48,13 @@ def configure(level: str, worker: int | None = None) -> None:
 
 
 def write(record: RequestRecord, duration_s: float) -> None:
+    """``ts`` is the arrival (Unix time); ``queued_ms`` and ``admitted_ms`` say how long after
+    it the request joined its key's queue for the engine (body read, limits passed) and got its
+    turn: who waited, for how long, and in what order."""
     if not logger.isEnabledFor(logging.INFO):
         return
     line = {
+        "ts": round(record.arrived, 6),
         "request_id": record.request_id,
         "key": record.key,
         "method": record.method,
@@ -53,6 +65,10 @@ def write(record: RequestRecord, duration_s: float) -> None:
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
     }
+    if record.queued is not None:
+        line["queued_ms"] = round((record.queued - record.arrived) * 1000, 3)
+    if record.admitted is not None:
+        line["admitted_ms"] = round((record.admitted - record.arrived) * 1000, 3)
     if record.error:
         line["error"] = record.error
     line.update(WORKER)

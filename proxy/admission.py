@@ -20,17 +20,36 @@ waits inside vLLM is at most what the gateway let in, in the gateway's fair orde
 
 A key's ``max_concurrent`` caps its requests at the engine; its queue is bounded so that one key
 can never hold all of the gateway's memory guard (``QueueFull``: the caller answers 429).
+
+Each slot notes on the wall clock when its request asked for its turn and when it got it, at
+the moment the turn is given (the waiter resumes later): the access log's account of who waited
+and who went first.
 """
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class QueueFull(Exception):
     """The key already has as many requests waiting as it may."""
+
+
+class Stamps(Protocol):
+    """Where a slot notes when its request asked for its turn and when it got it."""
+
+    queued: float | None
+    admitted: float | None
+
+
+@dataclass(slots=True)
+class Unstamped:
+    queued: float | None = None
+    admitted: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +68,7 @@ class Lane:
     name: str
     weight: float = 1.0
     max_concurrent: int | None = None
-    waiting: deque[tuple[int, asyncio.Future]] = field(default_factory=deque)
+    waiting: deque[tuple[int, asyncio.Future, Stamps]] = field(default_factory=deque)
     running: int = 0
     finish: float = 0.0
 
@@ -84,9 +103,9 @@ class FairQueue:
         lane = self.lanes.get(name)
         return len(lane.waiting) if lane else 0
 
-    def slot(self, tenant: Tenant) -> "Slot":
+    def slot(self, tenant: Tenant, stamps: Stamps | None = None) -> "Slot":
         """``async with queue.slot(tenant)``: hold one engine slot, waiting fairly for it."""
-        return Slot(self, self._lane(tenant))
+        return Slot(self, self._lane(tenant), stamps or Unstamped())
 
     def _lane(self, tenant: Tenant) -> Lane:
         lane = self.lanes.get(tenant.name)
@@ -103,12 +122,13 @@ class FairQueue:
             return True
         return False
 
-    async def _wait(self, lane: Lane) -> None:
+    async def _wait(self, lane: Lane, stamps: Stamps) -> None:
         if len(lane.waiting) >= self.max_queued_per_key:
             raise QueueFull(lane.name)
         loop = asyncio.get_running_loop()
         granted = loop.create_future()
-        entry = (next(self.arrivals), granted)
+        entry = (next(self.arrivals), granted, stamps)
+        stamps.queued = time.time()
         lane.waiting.append(entry)
         self.observe.depth(lane.name, len(lane.waiting))
         queued_at = loop.time()
@@ -116,7 +136,8 @@ class FairQueue:
             await granted
         except asyncio.CancelledError:
             if not granted.cancelled():
-                self._release(lane)  # granted just as the waiter gave up: hand the slot on
+                stamps.admitted = None  # granted just as the waiter gave up: hand the slot on
+                self._release(lane)
             elif entry in lane.waiting:
                 lane.waiting.remove(entry)
                 self.observe.depth(lane.name, len(lane.waiting))
@@ -145,25 +166,43 @@ class FairQueue:
             if not ready:
                 return
             lane = min(ready, key=lambda ln: (max(ln.finish, self.clock), ln.waiting[0][0]))
-            _, granted = lane.waiting.popleft()
+            _, granted, stamps = lane.waiting.popleft()
             self.observe.depth(lane.name, len(lane.waiting))
             if granted.cancelled():
                 continue  # its waiter is leaving and takes no slot
             self._admit(lane)
+            stamps.admitted = time.time()
             granted.set_result(None)
 
 
 class Slot:
     """One request's hold on an engine slot; a class, not a generator: it is on every request."""
 
-    __slots__ = ("lane", "queue")
+    __slots__ = ("lane", "queue", "stamps")
 
-    def __init__(self, queue: FairQueue, lane: Lane) -> None:
-        self.queue, self.lane = queue, lane
+    def __init__(self, queue: FairQueue, lane: Lane, stamps: Stamps) -> None:
+        self.queue, self.lane, self.stamps = queue, lane, stamps
 
     async def __aenter__(self) -> None:
-        if not self.queue._try_admit(self.lane):
-            await self.queue._wait(self.lane)
+        if self.queue._try_admit(self.lane):
+            self.stamps.queued = self.stamps.admitted = time.time()
+        else:
+            await self.queue._wait(self.lane, self.stamps)
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.queue._release(self.lane)
+
+
+class Unqueued:
+    """A request that takes no engine slot (routes that do not generate): let in at once."""
+
+    __slots__ = ("stamps",)
+
+    def __init__(self, stamps: Stamps) -> None:
+        self.stamps = stamps
+
+    async def __aenter__(self) -> None:
+        self.stamps.admitted = time.time()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass

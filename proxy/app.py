@@ -99,7 +99,8 @@ class Appliance:
             return
         path = scope["path"]
         request_id = request_id_from(scope)
-        record = RequestRecord(request_id, scope["method"], path, time.monotonic())
+        record = RequestRecord(request_id, scope["method"], path, time.monotonic(),
+                               arrived=time.time())
         scope.setdefault("state", {})["record"] = record
         id_header = (b"x-request-id", request_id.encode())
 

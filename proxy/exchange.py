@@ -38,8 +38,6 @@ class Exchange:
     """Added to every answer the client gets, errors included (``x-ratelimit-*``)."""
     allowed_models: frozenset[str] | None = None
     """The served models the key may use and see; None: every one."""
-    admitted: bool = False
-    """It got its turn at the engine (and so counts in usage), whatever happened next."""
     strip_final_usage: bool = False
     """The gateway asked a stream for usage on the client's behalf: drop the usage-only chunk."""
     strip_chunk_usage: bool = False

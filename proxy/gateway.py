@@ -13,7 +13,7 @@ import time
 from urllib.parse import unquote
 
 from .accesslog import RequestRecord
-from .admission import FairQueue, QueueFull, Slot, Tenant
+from .admission import FairQueue, QueueFull, Slot, Tenant, Unqueued
 from .auth import Authenticator, store_error
 from .body import (
     USAGE_ON_REQUEST,
@@ -56,7 +56,6 @@ GENERATION_ROUTES = frozenset(
 # vLLM's routes outside /v1 that clients legitimately call.
 EXTRA_ROUTES = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank"})
 log = logging.getLogger("appliance.proxy")
-NO_SLOT = contextlib.nullcontext()
 # Uploads (audio) are multipart; every other POST body is JSON, whatever curl -d labels it.
 NOT_JSON = (b"multipart/", b"application/octet-stream")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -240,7 +239,7 @@ class Gateway:
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
-            if ex.admitted:
+            if record.admitted is not None:  # it reached the engine: it counts in usage
                 self.account(record)
             self.quota.settle(reservation, record.prompt_tokens + record.completion_tokens)
 
@@ -289,7 +288,6 @@ class Gateway:
         try:
             async with cancelled_on_disconnect(ex.receive), asyncio.timeout(total_s), \
                     self.engine_slot(ex):
-                ex.admitted = True
                 response = await self.forwarder.call(ex)
         except TimeoutError:
             self.metrics.upstream_errors.labels("timeout").inc()
@@ -316,7 +314,6 @@ class Gateway:
             async with cancelled_on_disconnect(ex.receive), asyncio.timeout(
                 deadlines.first_token
             ) as deadline, self.engine_slot(ex):
-                ex.admitted = True
                 response = await self.forwarder.open_stream(ex)
                 try:
                     await self.relay(ex, response, deadline, outcome)
@@ -386,11 +383,12 @@ class Gateway:
         return engine_error(response.status_code, response.content, ex.record.method,
                             ex.record.route)
 
-    def engine_slot(self, ex: Exchange) -> Slot | contextlib.nullcontext:
-        """Generation waits its key's fair turn for an engine slot; other routes go straight."""
+    def engine_slot(self, ex: Exchange) -> Slot | Unqueued:
+        """Generation waits its key's fair turn for an engine slot; other routes go straight.
+        Either way the request's record notes when it reached the engine."""
         if ex.path in GENERATION_ROUTES:
-            return self.queue.slot(ex.tenant)
-        return NO_SLOT
+            return self.queue.slot(ex.tenant, ex.record)
+        return Unqueued(ex.record)
 
     async def end_stream(self, ex: Exchange, err: ProxyError) -> None:
         """Headers are gone already: the error travels as the stream's last event."""

@@ -218,7 +218,10 @@ class EngineTransport(httpx.AsyncBaseTransport):
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(Connection, self.host, self.port), timeout)
-        except (OSError, TimeoutError) as exc:
+        except TimeoutError:
+            raise httpx.ConnectError(f"cannot connect to the engine: no connection within "
+                                     f"{timeout:g} s") from None
+        except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to the engine: {exc}") from None
         return conn
 

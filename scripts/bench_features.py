@@ -66,7 +66,7 @@ def take_out(features: tuple[str, ...]) -> None:
     if "watch" in features:
         gateway.cancelled_on_disconnect = lambda receive: contextlib.nullcontext()
     if "admission" in features:
-        gateway.Gateway.engine_slot = lambda self, ex: gateway.NO_SLOT
+        gateway.Gateway.engine_slot = lambda self, ex: gateway.Unqueued(ex.record)
     if "usage" in features:
         gateway.from_json_body = lambda content: None
     if "limits" in features:

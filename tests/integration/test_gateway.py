@@ -314,6 +314,7 @@ def test_usage_is_recorded_per_key_for_plain_and_streamed_requests(gw):
 
 
 def test_access_log_is_json_per_request_without_secrets(gw):
+    sent = time.time()
     gw.client().chat.completions.create(**CHAT)
 
     def chat_lines() -> list[dict]:
@@ -324,6 +325,9 @@ def test_access_log_is_json_per_request_without_secrets(gw):
     wait_for(chat_lines)
     chat = chat_lines()
     assert chat and {"request_id", "key", "status", "duration_ms", "prompt_tokens"} <= set(chat[0])
+    # When it came and when the engine got it, on one clock that orders requests.
+    assert sent <= chat[-1]["ts"] <= time.time()
+    assert 0 <= chat[-1]["queued_ms"] <= chat[-1]["admitted_ms"] <= chat[-1]["duration_ms"]
     log_text = gw.log.read_text()
     for secret in [*gw.keys.values(), ENGINE_KEY]:
         assert secret not in log_text

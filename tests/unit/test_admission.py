@@ -4,11 +4,12 @@ import asyncio
 
 import pytest
 
-from proxy.admission import FairQueue, QueueFull, Tenant
+from proxy.admission import FairQueue, QueueFull, Tenant, Unstamped
 
 
-async def hold(queue: FairQueue, tenant: Tenant, order: list[str], release: asyncio.Event) -> None:
-    async with queue.slot(tenant):
+async def hold(queue: FairQueue, tenant: Tenant, order: list[str], release: asyncio.Event,
+               stamps: Unstamped | None = None) -> None:
+    async with queue.slot(tenant, stamps):
         order.append(tenant.name)
         await release.wait()
 
@@ -163,4 +164,50 @@ def test_a_timeout_while_waiting_leaves_the_queue_clean():
         gate.set()
         await holder
         assert queue.running == 0
+    run(main())
+
+
+def test_slots_note_when_each_request_queued_and_when_its_turn_was_given():
+    """On the wall clock, so that the access log orders requests: a request let in at once is
+    noted as queued and let in at the same instant, a waiter when its turn is given."""
+    async def main():
+        queue, gate = FairQueue(2, 10), asyncio.Event()
+        first, second = Unstamped(), Unstamped()
+        holders = [asyncio.create_task(hold(queue, Tenant("a"), [], gate, stamps))
+                   for stamps in (first, second)]
+        await settle()
+        assert first.queued == first.admitted and second.queued == second.admitted
+        waiters = [Unstamped(), Unstamped()]
+        tasks = [asyncio.create_task(hold(queue, Tenant(name), [], asyncio.Event(), stamps))
+                 for name, stamps in zip("bc", waiters, strict=True)]
+        await settle()
+        assert all(w.queued is not None and w.admitted is None for w in waiters)
+        gate.set()
+        await asyncio.gather(*holders)
+        b, c = waiters
+        assert b.queued <= c.queued <= b.admitted <= c.admitted
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    run(main())
+
+
+def test_a_refused_or_cancelled_request_is_not_noted_as_let_in():
+    async def main():
+        queue, gate = FairQueue(1, 1), asyncio.Event()
+        holder = asyncio.create_task(hold(queue, Tenant("a"), [], gate))
+        await settle()
+        unlucky, refused = Unstamped(), Unstamped()
+        task = asyncio.create_task(hold(queue, Tenant("a"), [], gate, unlucky))
+        await settle()
+        with pytest.raises(QueueFull):
+            async with queue.slot(Tenant("a"), refused):
+                pass
+        assert refused == Unstamped()
+        gate.set()
+        await asyncio.sleep(0)  # holder leaves: the waiter is granted but has not run yet
+        assert unlucky.admitted is not None
+        task.cancel()
+        await asyncio.gather(holder, task, return_exceptions=True)
+        assert unlucky.admitted is None and queue.running == 0
     run(main())
