@@ -54,7 +54,6 @@ def write(record: RequestRecord, duration_s: float) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
     line = {
-        "ts": round(record.arrived, 6),
         "request_id": record.request_id,
         "key": record.key,
         "method": record.method,
@@ -64,6 +63,7 @@ def write(record: RequestRecord, duration_s: float) -> None:
         "stream": record.stream,
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
+        "ts": round(record.arrived, 6),
     }
     if record.queued is not None:
         line["queued_ms"] = round((record.queued - record.arrived) * 1000, 3)
