@@ -6,7 +6,6 @@ is done that a request does not need.
 """
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -117,31 +116,38 @@ def as_header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
-@contextlib.asynccontextmanager
-async def cancelled_on_disconnect(receive):
-    """Cancel the enclosed work the moment the client disconnects, and raise ClientGone."""
-    task = asyncio.current_task()
+class CancelledOnDisconnect:
+    """Cancel the enclosed work the moment the client disconnects, and raise ClientGone.
 
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
+    A class rather than a generator-based context manager: it wraps every request.
+    """
+
+    __slots__ = ("receive", "task", "watcher")
+
+    def __init__(self, receive) -> None:
+        self.receive = receive
+
+    async def __aenter__(self) -> None:
+        self.task = asyncio.current_task()
+        self.watcher = asyncio.ensure_future(self._watch())
+        self.watcher.add_done_callback(self._on_disconnect)
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
             pass
 
-    watcher = asyncio.ensure_future(watch())
-
-    def on_disconnect(done: asyncio.Future) -> None:
+    def _on_disconnect(self, done: asyncio.Future) -> None:
         if not done.cancelled():
-            task.cancel()
+            self.task.cancel()
 
-    watcher.add_done_callback(on_disconnect)
-    try:
-        yield
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
-            raise ClientGone from None
-        raise
-    finally:
-        watcher.remove_done_callback(on_disconnect)
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        watcher = self.watcher
+        watcher.remove_done_callback(self._on_disconnect)
+        gone = watcher.done() and not watcher.cancelled()
         watcher.cancel()
+        if exc_type is asyncio.CancelledError and gone and self.task.uncancel() == 0:
+            raise ClientGone from None
+        return False
 
 
 class Gateway:
@@ -286,7 +292,7 @@ class Gateway:
     async def unary(self, ex: Exchange) -> None:
         total_s = ex.deadlines.total
         try:
-            async with cancelled_on_disconnect(ex.receive), asyncio.timeout(total_s), \
+            async with CancelledOnDisconnect(ex.receive), asyncio.timeout(total_s), \
                     self.engine_slot(ex):
                 response = await self.forwarder.call(ex)
         except TimeoutError:
@@ -311,7 +317,7 @@ class Gateway:
         started = time.monotonic()
         deadlines = ex.deadlines
         try:
-            async with cancelled_on_disconnect(ex.receive), asyncio.timeout(
+            async with CancelledOnDisconnect(ex.receive), asyncio.timeout(
                 deadlines.first_token
             ) as deadline, self.engine_slot(ex):
                 response = await self.forwarder.open_stream(ex)
