@@ -4,14 +4,15 @@ Streams are asked for vLLM's ``continuous_usage_stats``: every chunk then carrie
 count, so a client that hangs up mid-stream is billed for what the engine generated up to the
 last chunk it was sent, not for nothing. A chunk's usage object is found and cut out by bytes
 (it is flat but for one nested ``*_details`` level), so what the client gets is byte for byte
-what vLLM sends a client that did not ask for it, and no chunk is parsed whole.
+what vLLM sends a client that did not ask for it, and no chunk is parsed whole; a whole answer
+is read the same way.
 """
 
-import json
 import re
 from dataclasses import dataclass
 
-CHUNK_USAGE = re.compile(rb',\s*"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+USAGE_OBJECT = re.compile(rb'"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+CHUNK_USAGE = re.compile(rb',\s*' + USAGE_OBJECT.pattern)
 # Chat and completions count prompt/completion tokens; the Responses API input/output tokens.
 PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens":\s*(\d+)')
 COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":\s*(\d+)')
@@ -28,30 +29,19 @@ class TokenUsage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def from_payload(payload: object) -> TokenUsage | None:
-    """Usage in a chat or completion answer, or in a Responses API answer or event (there the
-    response sits under ``response`` in events and counts ``input``/``output`` tokens)."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict) and isinstance(payload.get("response"), dict):
-        usage = payload["response"].get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-    completion = usage.get("completion_tokens") or usage.get("output_tokens") or 0
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return TokenUsage(prompt, completion)
-
-
 def from_json_body(content: bytes) -> TokenUsage | None:
-    if b'"usage"' not in content:
+    """A whole answer's usage (chat, completions, embeddings, the Responses API), read like a
+    stream's: the last ``"usage"`` key, never inside a string (quotes there are escaped), is the
+    answer's own, after its choices or output. Not parsing the whole answer saves a sizeable
+    share of a small request's CPU."""
+    at = content.rfind(b'"usage"')
+    if at < 0:
         return None
-    try:
-        return from_payload(json.loads(content))
-    except ValueError:
+    found = USAGE_OBJECT.match(content, at)
+    if found is None:
         return None
+    usage_bytes = found.group(1)
+    return TokenUsage(_count(PROMPT_TOKENS, usage_bytes), _count(COMPLETION_TOKENS, usage_bytes))
 
 
 def _count(pattern: re.Pattern, usage: bytes) -> int:

@@ -127,6 +127,16 @@ def test_usage_from_json_body():
                                                    "completion_tokens": 4}}).encode()
     assert from_json_body(content) == TokenUsage(3, 4)
     assert from_json_body(b'{"data": []}') is None
+    assert from_json_body(b'{"data": [], "usage": null}') is None
+    # A "usage" in the generated text is escaped; the answer's own comes after its choices.
+    tricky = {"choices": [{"message": {"content": '{"usage": {"prompt_tokens": 99}}'}}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                        "prompt_tokens_details": {"cached_tokens": 2}},
+              "kv_transfer_params": None}
+    assert from_json_body(json.dumps(tricky).encode()) == TokenUsage(3, 4)
+    assert from_json_body(json.dumps(tricky, separators=(",", ":")).encode()) == TokenUsage(3, 4)
+    text_only = {"choices": [{"text": '"usage": {"prompt_tokens": 99}'}]}
+    assert from_json_body(json.dumps(text_only).encode()) is None
 
 
 # Shaped as vllm 0.32 writes them (pydantic, compact, exclude_unset).
