@@ -131,6 +131,24 @@ def test_stream_arrives_in_chunks_ends_with_done_and_usage_reaches_the_ledger(gw
     assert settled(lambda: ledger(gw, name)) == expected
 
 
+ABANDON_TRIES = 5
+
+
+def abandon_after_three_chunks(gw, body: dict) -> tuple[str, list[dict]]:
+    """Open the stream, read three chunks, hang up; the response's id and the chunks."""
+    with httpx.stream(
+        "POST", gw.url + "/v1/completions", json=body, headers=gw.headers(), timeout=60
+    ) as response:
+        assert response.status_code == 200
+        chunks = [
+            json.loads(line.removeprefix("data: "))
+            for line in itertools.islice(
+                (line for line in response.iter_lines() if line.startswith("data: ")), 3
+            )
+        ]
+    return chunks[0]["id"], chunks
+
+
 def test_client_disconnect_mid_stream_stops_generation(gw, vllm):
     """A client that hangs up mid-stream gets its request aborted at vLLM, before its end.
 
@@ -139,6 +157,12 @@ def test_client_disconnect_mid_stream_stops_generation(gw, vllm):
     it, is logged as aborted, adds no finished request, and fewer tokens than it asked for. The
     stream is as long as the context allows, so a disconnect that lands late on a busy machine
     still lands before the end. (This vLLM counts no client abort in ``request_success_total``.)
+
+    On a busy machine vLLM's front end can fall so far behind its engine that it delivers a
+    whole stream at once, at its end (its output collector merges what the stream's reader has
+    not taken yet; seen straight at vLLM too): then the client's first chunks are the stream's
+    last and there is nothing left to abort. Such a try proves nothing either way and is made
+    again, up to ``ABANDON_TRIES`` times; a gateway that does not abort fails every try.
     """
     tokens, finished = "vllm:generation_tokens_total", "vllm:request_success_total"
     full = MAX_MODEL_LEN - 24
@@ -149,11 +173,10 @@ def test_client_disconnect_mid_stream_stops_generation(gw, vllm):
         "stream": True,
         "ignore_eos": True,
     }
-    headers = gw.headers()
 
     before = settled(lambda: (vllm.metric(tokens), vllm.metric(finished)))
     with httpx.stream(
-        "POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=60
+        "POST", gw.url + "/v1/completions", json=body, headers=gw.headers(), timeout=60
     ) as response:
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line]
@@ -163,24 +186,25 @@ def test_client_disconnect_mid_stream_stops_generation(gw, vllm):
     assert (after_full[0] - before[0], after_full[1] - before[1]) == (full, 1)
     assert not vllm.aborted(completed_id)
 
-    with httpx.stream(
-        "POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=60
-    ) as response:
-        assert response.status_code == 200
-        chunks = [
-            json.loads(line.removeprefix("data: "))
-            for line in itertools.islice(
-                (line for line in response.iter_lines() if line.startswith("data: ")), 3
-            )
-        ]
-    abandoned_id = chunks[0]["id"]
-    assert eventually(
-        lambda: vllm.aborted(abandoned_id) or vllm.metric(finished) > after_full[1]
-    ), "vLLM neither aborted nor finished the abandoned stream"
-    after_abandoned = settled(lambda: (vllm.metric(tokens), vllm.metric(finished)))
-    generated = after_abandoned[0] - after_full[0]
-    print(f"abandoned stream generated {generated:.0f} of {full} tokens")
-    assert vllm.aborted(abandoned_id)
+    delivered_whole = []
+    for _ in range(ABANDON_TRIES):
+        abandoned_id, chunks = abandon_after_three_chunks(gw, body)
+        finished_before = after_full[1]
+        assert eventually(
+            lambda rid=abandoned_id, n=finished_before:
+                vllm.aborted(rid) or vllm.metric(finished) > n
+        ), "vLLM neither aborted nor finished the abandoned stream"
+        after_abandoned = settled(lambda: (vllm.metric(tokens), vllm.metric(finished)))
+        generated = after_abandoned[0] - after_full[0]
+        if vllm.aborted(abandoned_id):
+            break
+        delivered_whole.append(generated)
+        after_full = after_abandoned
+    else:
+        pytest.fail(f"vLLM finished every abandoned stream ({delivered_whole} tokens): the "
+                    "gateway never aborted one, or vLLM delivered each whole at its end")
+    print(f"abandoned stream generated {generated:.0f} of {full} tokens "
+          f"({len(delivered_whole)} tries delivered whole before)")
     assert after_abandoned[1] == after_full[1]
     assert len(chunks) <= generated < full
 
