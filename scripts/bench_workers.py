@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.bench_proxy import CHAT, STREAM, one_stream, write_csv  # noqa: E402
 from scripts.procstats import cpu_seconds  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
-from tests.servers import VENV_BIN, fake_engine, free_port, running, wait_http  # noqa: E402
+from tests.servers import VENV_BIN, fake_engine, free_port, free_ports, running, wait_http  # noqa: E402
 
 STREAMS = 64
 CONNECTIONS = 64
@@ -89,9 +89,7 @@ def make_keys(db: Path, count: int) -> list[str]:
 @contextlib.contextmanager
 def gateway(engine_url: str, db: Path, workers: int, workdir: Path) -> Iterator[tuple]:
     """``workers`` gateway workers behind a freshly rendered NGINX: (site, gateway pid)."""
-    first = free_port()
-    while any(p > 65535 for p in range(first, first + workers)):
-        first = free_port()
+    first = free_ports(workers)
     env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
            "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_PROXY_WORKERS": str(workers),
            "APPLIANCE_MAX_INFLIGHT": "4096"}

@@ -22,6 +22,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65536:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no consecutive free ports")
+
+
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None,
               ok: tuple[int, ...] = (200,), verify: bool | str = True) -> None:
     """Poll ``url`` until it answers one of ``ok``; fail early if ``proc`` dies."""

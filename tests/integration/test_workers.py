@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,25 +21,10 @@ import pytest
 from tests.integration import nginx_stack
 from tests.integration.proxy_stack import ENGINE_KEY, Proxy, keys_cli
 from tests.integration.test_gateway import CHAT, usage_row, wait_for
-from tests.servers import free_port, proxy, running, wait_http
+from tests.servers import free_ports, proxy, running, wait_http
 
 WORKERS = 2
 SLOW = {**CHAT, "stream": True, "max_tokens": 2, "fake": {"first_delay": 2}}
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports."""
-    for _ in range(100):
-        first = free_port()
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError("no consecutive free ports")
 
 
 def header_forms(secret: str) -> list[str]:
