@@ -21,7 +21,7 @@ from .engine_errors import STREAM_ERROR, stream_errors
 from .errors import ProxyError, engine_unavailable
 from .exchange import Exchange
 from .transport import EngineAnswer, EngineTransport
-from .usage import NO_CHOICES, TokenUsage, take_running_usage, take_usage
+from .usage import TokenUsage, take_usage
 
 HOP_BY_HOP = frozenset(
     {
@@ -286,21 +286,6 @@ class Forwarder:
     @staticmethod
     def _take_usage(ready: bytes, ex: Exchange, outcome: StreamOutcome) -> bytes:
         """Note the latest usage; drop or cut what the gateway asked for on the client's behalf.
-
-        Nearly every read holds running counts only, done in one go; a read with the stream's
-        end or its usage-only chunk goes event by event (``_take_final_usage``).
-        """
-        if outcome.held or NO_CHOICES.search(ready) or (
-                ex.strip_final_usage and FINISHED.search(ready)):
-            return Forwarder._take_final_usage(ready, ex, outcome)
-        ready, usage = take_running_usage(ready, ex.strip_chunk_usage)
-        if usage is not None:
-            outcome.usage = usage
-        return ready
-
-    @staticmethod
-    def _take_final_usage(ready: bytes, ex: Exchange, outcome: StreamOutcome) -> bytes:
-        """Event by event, around the stream's end.
 
         vLLM stamps ``system_fingerprint`` on a stream's terminal chunks only when no usage chunk
         follows, and on the usage chunk otherwise. When that chunk is dropped, the terminal

@@ -49,17 +49,6 @@ def _count(pattern: re.Pattern, usage: bytes) -> int:
     return int(found.group(1)) if found else 0
 
 
-def take_running_usage(events: bytes, strip: bool) -> tuple[bytes, TokenUsage | None]:
-    """Several events' running counts at once, none of them the final usage-only chunk: the
-    last count is the stream's so far, and every count is cut out when ``strip``. Two passes
-    over the bytes instead of a loop over the events: this is on every chunk of every stream."""
-    counts = CHUNK_USAGE.findall(events)
-    if not counts:
-        return events, None
-    usage = TokenUsage(_count(PROMPT_TOKENS, counts[-1]), _count(COMPLETION_TOKENS, counts[-1]))
-    return (CHUNK_USAGE.sub(b"", events) if strip else events), usage
-
-
 def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | None, bool]:
     """One SSE event's usage: the event (its running usage cut out when ``strip_running``),
     the usage found, and whether the event is the final usage-only chunk (``"choices": []``).

@@ -9,7 +9,7 @@ from proxy.errors import ProxyError
 from proxy.limits import RateLimiter, reset_text
 from proxy.settings import ProxySettings
 from proxy.timeouts import Deadlines, deadlines_for
-from proxy.usage import TokenUsage, from_json_body, take_running_usage, take_usage
+from proxy.usage import TokenUsage, from_json_body, take_usage
 
 SETTINGS = ProxySettings(timeout_base_s=10, timeout_per_token_s=0.5, timeout_max_s=100,
                          stream_first_token_timeout_s=7, stream_idle_timeout_s=3,
@@ -154,17 +154,6 @@ def test_running_usage_is_read_and_cut_out_to_the_byte():
     assert event == RUNNING[:RUNNING.index(b',"usage":{"prompt_tokens"')] + b"}"
     assert json.loads(event[5:])["choices"][0]["delta"]["content"] == ' "usage": {'
     assert take_usage(RUNNING, strip_running=False) == (RUNNING, TokenUsage(7, 3), False)
-
-
-def test_a_read_of_running_counts_is_cut_as_event_by_event_and_billed_by_its_last():
-    later = RUNNING.replace(b'"completion_tokens":3', b'"completion_tokens":4')
-    read = RUNNING + b"\n\n" + later + b"\n\n"
-    one_by_one = b"".join(take_usage(event, strip_running=True)[0] + b"\n\n"
-                          for event in (RUNNING, later))
-    assert take_running_usage(read, strip=True) == (one_by_one, TokenUsage(7, 4))
-    assert take_running_usage(read, strip=False) == (read, TokenUsage(7, 4))
-    assert take_running_usage(b'data: {"choices":[]}\n\n', strip=True) == (
-        b'data: {"choices":[]}\n\n', None)
 
 
 def test_the_final_usage_only_chunk_is_recognised_and_never_cut():
