@@ -38,15 +38,15 @@ def from_json_body(content: bytes) -> TokenUsage | None:
     if at < 0:
         return None
     found = USAGE_OBJECT.match(content, at)
-    if found is None:
-        return None
-    usage_bytes = found.group(1)
-    return TokenUsage(_count(PROMPT_TOKENS, usage_bytes), _count(COMPLETION_TOKENS, usage_bytes))
+    return None if found is None else _usage_in(found.group(1))
 
 
-def _count(pattern: re.Pattern, usage: bytes) -> int:
-    found = pattern.search(usage)
-    return int(found.group(1)) if found else 0
+def _usage_in(usage: bytes) -> TokenUsage:
+    """The counts in one usage object's bytes (absent counts are 0)."""
+    prompt = PROMPT_TOKENS.search(usage)
+    completion = COMPLETION_TOKENS.search(usage)
+    return TokenUsage(int(prompt.group(1)) if prompt else 0,
+                      int(completion.group(1)) if completion else 0)
 
 
 def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | None, bool]:
@@ -56,8 +56,7 @@ def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | N
     found = CHUNK_USAGE.search(event)
     if found is None:
         return event, None, False
-    usage_bytes = found.group(1)
-    usage = TokenUsage(_count(PROMPT_TOKENS, usage_bytes), _count(COMPLETION_TOKENS, usage_bytes))
+    usage = _usage_in(found.group(1))
     only_usage = NO_CHOICES.search(event) is not None
     if strip_running and not only_usage:
         event = event[:found.start()] + event[found.end():]
