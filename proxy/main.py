@@ -12,6 +12,7 @@ import uvicorn
 
 from . import accesslog
 from .app import create_app
+from .coalesce import HttpProtocol
 from .settings import ProxySettings, load_settings
 from .supervisor import Supervisor
 from .workers import ports, worker_settings
@@ -31,7 +32,7 @@ def serve(settings: ProxySettings, worker: int | None, siblings: tuple[int, ...]
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
     uvicorn.run(app, host=settings.proxy_host, port=settings.proxy_port,
-                loop="uvloop", http="httptools", access_log=False, proxy_headers=False,
+                loop="uvloop", http=HttpProtocol, access_log=False, proxy_headers=False,
                 log_level=settings.log_level, server_header=False,
                 timeout_graceful_shutdown=30, timeout_keep_alive=settings.proxy_keepalive_s)
 
