@@ -116,6 +116,12 @@ def as_header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
+# The watch for a hang-up starts once the work has run this long: most small requests are
+# answered sooner and cost a timer instead of a task (a sizeable share of their CPU), and a
+# client that left sooner is noticed then, when its request would still be running.
+WATCH_AFTER_S = 0.05
+
+
 async def until_disconnect(receive) -> None:
     """Outside the watch's class: a watcher that held the watch would tie the request's task to
     its own cancelled frame, a cycle per request for the collector."""
@@ -129,13 +135,17 @@ class CancelledOnDisconnect:
     A class rather than a generator-based context manager: it wraps every request.
     """
 
-    __slots__ = ("receive", "task", "watcher")
+    __slots__ = ("receive", "task", "timer", "watcher")
 
     def __init__(self, receive) -> None:
         self.receive = receive
+        self.watcher: asyncio.Future | None = None
 
     async def __aenter__(self) -> None:
         self.task = asyncio.current_task()
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._watch)
+
+    def _watch(self) -> None:
         self.watcher = asyncio.ensure_future(until_disconnect(self.receive))
         self.watcher.add_done_callback(self._on_disconnect)
 
@@ -144,7 +154,10 @@ class CancelledOnDisconnect:
             self.task.cancel()
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self.timer.cancel()
         watcher = self.watcher
+        if watcher is None:
+            return False
         watcher.remove_done_callback(self._on_disconnect)
         gone = watcher.done() and not watcher.cancelled()
         watcher.cancel()

@@ -269,6 +269,16 @@ def test_client_disconnect_while_waiting_aborts_upstream(gw, fake):
     wait_for(lambda: fake.stats()["disconnects"] > before, 2)
 
 
+def test_client_leaving_before_the_watch_starts_is_noticed_when_it_does(gw, fake):
+    """The gateway watches for a hang-up only once a request has run WATCH_AFTER_S (50 ms)."""
+    before = fake.stats()["disconnects"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(),
+                   json={**CHAT, "fake": {"delay": 10}}, timeout=0.01)
+    wait_for(lambda: fake.stats()["disconnects"] > before, 2)
+    assert fake.stats()["in_progress"] == 0
+
+
 # Limits and usage
 
 
