@@ -1,11 +1,17 @@
-"""One JSON line per request on stdout (journald keeps it): who, what, how it went, how long."""
+"""One JSON line per request on stdout (journald keeps it): who, what, how it went, how long.
 
+Written without the logging module: a log record per request (the caller's frame looked up,
+process and thread names, a lock, a flush) was a quarter of a small request's CPU. Lines wait
+for the end of the event loop's turn and go out together: a busy gateway makes one write for
+many requests, a quiet one still writes each line at once.
+"""
+
+import asyncio
+import atexit
 import json
 import logging
 import sys
 from dataclasses import dataclass
-
-logger = logging.getLogger("appliance.access")
 
 
 @dataclass(slots=True)
@@ -32,26 +38,52 @@ class RequestRecord:
     across requests: who waited, and who went first."""
 
 
+class Lines:
+    """Lines for stdout, written together at the end of the event loop's turn."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.stream = sys.stdout
+        self.pending: list[str] = []
+
+    def add(self, line: str) -> None:
+        if not self.pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (a tool, a test): nobody to wait for
+                self.pending.append(line)
+                self.flush()
+                return
+        self.pending.append(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            text = "\n".join(self.pending) + "\n"
+            self.pending.clear()
+            self.stream.write(text)
+            self.stream.flush()
+
+
+LINES = Lines()
+atexit.register(LINES.flush)
 WORKER: dict[str, int] = {}
 """``{"worker": i}`` in a worker of several (which process served a key), else empty."""
 
 
 def configure(level: str, worker: int | None = None) -> None:
+    """Lines at ``info`` and below (APPLIANCE_LOG_LEVEL), on this process's stdout."""
     WORKER.clear()
     if worker is not None:
         WORKER["worker"] = worker
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(level.upper())
+    LINES.enabled = logging.getLevelName(level.upper()) <= logging.INFO
+    LINES.stream = sys.stdout
 
 
 def write(record: RequestRecord, duration_s: float) -> None:
     """``ts`` is the arrival (Unix time); ``queued_ms`` and ``admitted_ms`` say how long after
     it the request joined its key's queue for the engine (body read, limits passed) and got its
     turn: who waited, for how long, and in what order."""
-    if not logger.isEnabledFor(logging.INFO):
+    if not LINES.enabled:
         return
     line = {
         "request_id": record.request_id,
@@ -72,4 +104,4 @@ def write(record: RequestRecord, duration_s: float) -> None:
     if record.error:
         line["error"] = record.error
     line.update(WORKER)
-    logger.info(json.dumps(line))
+    LINES.add(json.dumps(line))
