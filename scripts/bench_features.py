@@ -6,13 +6,15 @@ wrk load (small chats, 64 connections); the figure is the gateway process's CPU 
 the requests it answered (from /proc, so it does not move with what else the machine runs as
 much as requests/s do). Variants, run in turns so that drift spreads over all of them:
 
-  full          appliance-proxy as shipped (auth, rate limits, fair admission, usage, metrics)
+  full          appliance-proxy as shipped (auth, rate limits, fair admission, usage, metrics,
+                the access log at the shipped level)
   no-metrics    every Prometheus collector a no-op
   no-watch      no per-request watch for the client hanging up
   no-admission  no fair queue: requests go straight to the engine
   no-usage      the engine's answer not parsed for its token counts
   no-limits     rate limits always allow, with no headers
-  none          all five out
+  no-log        no access-log line
+  none          all six out
   bare          uvicorn and the gateway's transport, nothing else (``bench_proxy.bare_app``)
 
 A feature is taken out by patching the running gateway, so the figures are for reading, never
@@ -36,13 +38,13 @@ from scripts.bench_proxy import bench_key, wrk  # noqa: E402
 from scripts.procstats import cpu_seconds  # noqa: E402
 from tests.servers import fake_engine, free_port, running  # noqa: E402
 
-FEATURES = ("metrics", "watch", "admission", "usage", "limits")
+FEATURES = ("metrics", "watch", "admission", "usage", "limits", "log")
 VARIANTS = {"full": (), **{f"no-{f}": (f,) for f in FEATURES}, "none": FEATURES, "bare": None}
 
 
 def take_out(features: tuple[str, ...]) -> None:
     """Patch the gateway's modules before it starts: each named feature becomes a no-op."""
-    from proxy import gateway, limits
+    from proxy import accesslog, gateway, limits
     from proxy import metrics as metrics_module
 
     class Nothing:
@@ -74,6 +76,8 @@ def take_out(features: tuple[str, ...]) -> None:
             return limits.Decision(True, {})
 
         limits.RateLimiter.admit = admit
+    if "log" in features:
+        accesslog.write = lambda record, duration_s: None
 
 
 def serve(variant: str, port: int) -> None:

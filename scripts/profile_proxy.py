@@ -95,7 +95,7 @@ def main() -> None:
                               "1000000000"], capture_output=True, text=True,
                              check=True).stdout.strip()
         env = {"APPLIANCE_ENGINE_URL": engine_url, "APPLIANCE_KEYS_DB": str(db),
-               "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_PROXY_WORKERS": "1",
+               "APPLIANCE_LOG_LEVEL": "info", "APPLIANCE_PROXY_WORKERS": "1",
                "APPLIANCE_MAX_INFLIGHT": "1024"}
         stack.enter_context(running(fake_engine(engine_port), ready_url=engine_url + "/health"))
         proxy = stack.enter_context(running([str(VENV_BIN / "appliance-proxy"), "--port",
