@@ -217,7 +217,7 @@ class Gateway:
 
         now = time.monotonic()
         decision = await self.limiter.admit(key.name, key.rpm, key.tpm, now)
-        extra.extend(as_header_list(decision.headers))
+        extra.extend(decision.headers)
         if not decision.allowed:
             self.metrics.rate_limited.labels(key.name, decision.reason).inc()
             self.metrics.refused.labels(key.name, decision.reason).inc()

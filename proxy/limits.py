@@ -32,7 +32,8 @@ class Bucket:
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    headers: dict[str, str]
+    headers: list[tuple[bytes, bytes]]
+    """``x-ratelimit-*``, as the answer will carry them."""
     retry_after_s: float = 0.0
     reason: str = ""
 
@@ -43,12 +44,12 @@ class KeyBuckets:
     tokens: Bucket | None = None
 
 
-def reset_text(seconds: float) -> str:
+def reset_text(seconds: float) -> bytes:
     """OpenAI writes resets as durations such as ``1s``, ``6m0s`` or ``120ms``."""
     if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
+        return b"%dms" % math.ceil(seconds * 1000)
     whole = math.ceil(seconds)
-    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+    return b"%dm%ds" % divmod(whole, 60) if whole >= 60 else b"%ds" % whole
 
 
 @dataclass
@@ -100,14 +101,14 @@ def _resized(bucket: Bucket | None, limit: int | None, now: float) -> Bucket | N
     return bucket
 
 
-def headers_for(req: Bucket | None, tok: Bucket | None) -> dict[str, str]:
-    headers = {}
+def headers_for(req: Bucket | None, tok: Bucket | None) -> list[tuple[bytes, bytes]]:
+    headers = []
     if req is not None:
-        headers["x-ratelimit-limit-requests"] = str(req.limit)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, math.floor(req.level)))
-        headers["x-ratelimit-reset-requests"] = reset_text(req.seconds_until(req.limit))
+        headers += [(b"x-ratelimit-limit-requests", b"%d" % req.limit),
+                    (b"x-ratelimit-remaining-requests", b"%d" % max(0, math.floor(req.level))),
+                    (b"x-ratelimit-reset-requests", reset_text(req.seconds_until(req.limit)))]
     if tok is not None:
-        headers["x-ratelimit-limit-tokens"] = str(tok.limit)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(tok.level)))
-        headers["x-ratelimit-reset-tokens"] = reset_text(tok.seconds_until(tok.limit))
+        headers += [(b"x-ratelimit-limit-tokens", b"%d" % tok.limit),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % max(0, math.floor(tok.level))),
+                    (b"x-ratelimit-reset-tokens", reset_text(tok.seconds_until(tok.limit)))]
     return headers

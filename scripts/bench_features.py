@@ -73,7 +73,7 @@ def take_out(features: tuple[str, ...]) -> None:
         gateway.from_json_body = lambda content: None
     if "limits" in features:
         async def admit(self, name, rpm, tpm, now):
-            return limits.Decision(True, {})
+            return limits.Decision(True, [])
 
         limits.RateLimiter.admit = admit
     if "log" in features:
