@@ -59,7 +59,7 @@ for dir in nginx scripts; do
 done
 chmod -R go-w "$prefix"
 
-install -m 0755 "$src/scripts/appliance_firstboot.py" /usr/local/sbin/appliance-firstboot
+install -m 0755 "$src/appliance_ops/firstboot.py" /usr/local/sbin/appliance-firstboot
 install -m 0755 "$src/scripts/appliance-status" /usr/local/sbin/appliance-status
 install -m 0755 "$src/scripts/smoke-test.sh" /usr/local/sbin/appliance-smoke-test
 install -m 0755 "$src/ami/files/appliance-keys" /usr/local/sbin/appliance-keys

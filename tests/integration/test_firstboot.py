@@ -24,7 +24,7 @@ from proxy.workers import available_cpus, default_worker_count
 from tests.firstboot_imds import TOKEN, fake_imds
 from tests.servers import ROOT, VENV_BIN, free_port
 
-SCRIPT = ROOT / "scripts" / "appliance_firstboot.py"
+SCRIPT = ROOT / "appliance_ops" / "firstboot.py"
 @dataclass
 class Host:
     """The paths first boot writes, all inside a temporary directory."""

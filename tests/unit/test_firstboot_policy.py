@@ -1,18 +1,12 @@
 """appliance-firstboot's pure parts: reading user data, merging settings, writing env lines."""
 
-import importlib.util
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 from dotenv import dotenv_values
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "appliance_firstboot.py"
-spec = importlib.util.spec_from_file_location("appliance_firstboot", SCRIPT)
-firstboot = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = firstboot
-spec.loader.exec_module(firstboot)
+from appliance_ops import firstboot
 
 
 def test_user_data_takes_appliance_settings_and_aliases():
