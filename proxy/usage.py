@@ -11,8 +11,9 @@ is read the same way.
 import re
 from dataclasses import dataclass
 
-USAGE_OBJECT = re.compile(rb'"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
-CHUNK_USAGE = re.compile(rb',\s*' + USAGE_OBJECT.pattern)
+USAGE_KEY = b'"usage"'
+# Flat but for one nested level (``*_details``); unrolled, so runs of plain bytes are one step.
+USAGE_OBJECT = re.compile(rb'"usage":\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 # Chat and completions count prompt/completion tokens; the Responses API input/output tokens.
 PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens":\s*(\d+)')
 COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":\s*(\d+)')
@@ -29,15 +30,20 @@ class TokenUsage:
         return self.prompt_tokens + self.completion_tokens
 
 
+def last_usage(content: bytes) -> re.Match | None:
+    """The last ``"usage": {...}`` in ``content``, found from the end (a search from the start
+    tried a match at every comma of an event). Never one inside a string: quotes there are
+    escaped, so only a key reads ``"usage"``; and an answer's own usage comes after its choices.
+    """
+    at = content.rfind(USAGE_KEY)
+    return None if at < 0 else USAGE_OBJECT.match(content, at)
+
+
 def from_json_body(content: bytes) -> TokenUsage | None:
     """A whole answer's usage (chat, completions, embeddings, the Responses API), read like a
-    stream's: the last ``"usage"`` key, never inside a string (quotes there are escaped), is the
-    answer's own, after its choices or output. Not parsing the whole answer saves a sizeable
-    share of a small request's CPU."""
-    at = content.rfind(b'"usage"')
-    if at < 0:
-        return None
-    found = USAGE_OBJECT.match(content, at)
+    stream's, from its bytes: not parsing the whole answer saves a sizeable share of a small
+    request's CPU."""
+    found = last_usage(content)
     return None if found is None else _usage_in(found.group(1))
 
 
@@ -52,12 +58,17 @@ def _usage_in(usage: bytes) -> TokenUsage:
 def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | None, bool]:
     """One SSE event's usage: the event (its running usage cut out when ``strip_running``),
     the usage found, and whether the event is the final usage-only chunk (``"choices": []``).
+    The usage is a chunk's last key, after a comma; the cut takes the comma with it.
     """
-    found = CHUNK_USAGE.search(event)
+    found = last_usage(event)
     if found is None:
         return event, None, False
+    comma = event.rfind(b",", 0, found.start())
+    if comma < 0 or event[comma + 1:found.start()].strip():
+        return event, None, False
     usage = _usage_in(found.group(1))
-    only_usage = NO_CHOICES.search(event) is not None
+    choices = event.find(b'"choices"')
+    only_usage = choices >= 0 and NO_CHOICES.match(event, choices) is not None
     if strip_running and not only_usage:
-        event = event[:found.start()] + event[found.end():]
+        event = event[:comma] + event[found.end():]
     return event, usage, only_usage

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.body import parse_request, usage_requested
 from proxy.errors import ProxyError
@@ -169,3 +171,19 @@ def test_the_final_usage_only_chunk_is_recognised_and_never_cut():
 def test_events_without_usage_are_left_alone():
     text_event = b'data: {"choices":[{"delta":{"content":"the \\"usage\\": {x}"}}]}'
     assert take_usage(text_event, strip_running=True) == (text_event, None, False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=st.text(), prompt=st.integers(0, 10**6), completion=st.integers(0, 10**6),
+       details=st.booleans(), compact=st.booleans())
+def test_a_chunks_running_usage_is_read_and_cut_whatever_its_text(content, prompt, completion,
+                                                                   details, compact):
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": content}}]}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+    if details:
+        usage["prompt_tokens_details"] = {"cached_tokens": 1}
+    separators = (",", ":") if compact else (", ", ": ")
+    event = b"data: " + json.dumps({**chunk, "usage": usage}, separators=separators).encode()
+    cut, found, only_usage = take_usage(event, strip_running=True)
+    assert found == TokenUsage(prompt, completion) and not only_usage
+    assert json.loads(cut[len(b"data: "):]) == chunk
