@@ -116,9 +116,10 @@ def as_header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
-# The watch for a hang-up starts once the work has run this long: most small requests are
-# answered sooner and cost a timer instead of a task (a sizeable share of their CPU), and a
-# client that left sooner is noticed then, when its request would still be running.
+# A plain request's watch for a hang-up starts once it has run this long: most small requests
+# are answered sooner and cost a timer instead of a task (a sizeable share of their CPU), and a
+# client that left sooner is noticed then, when its request would still be running. A stream is
+# watched from its start: what the engine generates after a hang-up is wasted, and billed.
 WATCH_AFTER_S = 0.05
 
 
@@ -135,15 +136,20 @@ class CancelledOnDisconnect:
     A class rather than a generator-based context manager: it wraps every request.
     """
 
-    __slots__ = ("receive", "task", "timer", "watcher")
+    __slots__ = ("after_s", "receive", "task", "timer", "watcher")
 
-    def __init__(self, receive) -> None:
+    def __init__(self, receive, after_s: float = 0.0) -> None:
         self.receive = receive
+        self.after_s = after_s
+        self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Future | None = None
 
     async def __aenter__(self) -> None:
         self.task = asyncio.current_task()
-        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._watch)
+        if self.after_s > 0:
+            self.timer = asyncio.get_running_loop().call_later(self.after_s, self._watch)
+        else:
+            self._watch()
 
     def _watch(self) -> None:
         self.watcher = asyncio.ensure_future(until_disconnect(self.receive))
@@ -154,7 +160,8 @@ class CancelledOnDisconnect:
             self.task.cancel()
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         watcher = self.watcher
         if watcher is None:
             return False
@@ -308,7 +315,7 @@ class Gateway:
     async def unary(self, ex: Exchange) -> None:
         total_s = ex.deadlines.total
         try:
-            async with CancelledOnDisconnect(ex.receive), asyncio.timeout(total_s), \
+            async with CancelledOnDisconnect(ex.receive, WATCH_AFTER_S), asyncio.timeout(total_s), \
                     self.engine_slot(ex):
                 response = await self.forwarder.call(ex)
         except TimeoutError:

@@ -66,7 +66,7 @@ def take_out(features: tuple[str, ...]) -> None:
 
         metrics_module.Metrics.__init__ = init
     if "watch" in features:
-        gateway.CancelledOnDisconnect = lambda receive: contextlib.nullcontext()
+        gateway.CancelledOnDisconnect = lambda receive, after_s=0.0: contextlib.nullcontext()
     if "admission" in features:
         gateway.Gateway.engine_slot = lambda self, ex: gateway.Unqueued(ex.record)
     if "usage" in features:
