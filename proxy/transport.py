@@ -22,12 +22,14 @@ small request's CPU in profiles. ``handle_async_request`` keeps httpx's interfac
 import asyncio
 import collections
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import httptools
 import httpx
 
+log = logging.getLogger("appliance.proxy")
 READ_PAUSE_BYTES = 1 << 20
 # Below uvicorn's (and so vLLM's) default 5 s keep-alive timeout.
 KEEPALIVE_EXPIRY_S = 4.0
@@ -214,13 +216,23 @@ class EngineTransport(httpx.AsyncBaseTransport):
         self.host_header = f"{host}:{port}".encode()
 
     async def _connect(self, timeout: float | None) -> Connection:
+        """A connect that times out is tried once more before it fails: when the gateway's own
+        loop runs late (a CPU-starved process), uvloop runs the due timeout before the I/O that
+        says the connect succeeded long ago, and the engine was never the problem."""
+        def connect():
+            return asyncio.wait_for(loop.create_connection(Connection, self.host, self.port),
+                                    timeout)
+
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(Connection, self.host, self.port), timeout)
+            try:
+                _, conn = await connect()
+            except TimeoutError:
+                log.warning("no connection to the engine within %g s; trying once more", timeout)
+                _, conn = await connect()
         except TimeoutError:
             raise httpx.ConnectError(f"cannot connect to the engine: no connection within "
-                                     f"{timeout:g} s") from None
+                                     f"{timeout:g} s, twice") from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to the engine: {exc}") from None
         return conn

@@ -1,9 +1,11 @@
 """The lean engine transport against a real socket server that shows what happened on the wire."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
+import uvloop
 
 from proxy.transport import EngineTransport
 from tests.servers import free_port
@@ -148,3 +150,18 @@ def test_a_connection_closed_mid_answer_is_an_error_not_sent_again():
 
     asyncio.run(with_server(wire, body))
     assert (wire.requests, wire.connections) == (2, 1)
+
+
+def test_a_connect_timed_out_by_the_gateways_own_late_loop_is_tried_again():
+    """The loop stalls past the connect timeout while a connect is under way: the kernel has
+    long completed it, but uvloop runs due timers before I/O, so the timeout fires first. Seen
+    under CPU starvation as a spurious 503; a second try connects at once."""
+    wire = Wire(chunks=1)
+
+    async def body(client: httpx.AsyncClient) -> None:
+        asyncio.get_running_loop().call_soon(time.sleep, 0.5)
+        response = await client.get("/", timeout=httpx.Timeout(5.0, connect=0.2))
+        assert response.status_code == 200 and response.content == b"chunk0"
+        assert wire.connections == 2
+
+    uvloop.run(with_server(wire, body))
