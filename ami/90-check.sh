@@ -11,7 +11,7 @@ for unit in /etc/systemd/system/appliance-*.service; do
         exit 1
     fi
 done
-"$venv/bin/python" -c 'import vllm, proxy, server; print("vllm", vllm.__version__)'
+"$venv/bin/python" -c 'import vllm, proxy, server, appliance_ops.idle_stop, appliance_ops.spot_watch; print("vllm", vllm.__version__)'
 for cmd in appliance-proxy appliance-engine appliance-keys appliance-idle-stop \
     appliance-spot-watch; do
     test -x "$venv/bin/$cmd"

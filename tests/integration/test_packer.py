@@ -213,6 +213,15 @@ def test_uploaded_paths_exist(template):
         assert (ROOT / path).exists(), path
 
 
+def test_every_package_the_image_installs_is_uploaded(template):
+    """pip installs what pyproject names; a package left out of the upload is silently missing
+    from the image, its console scripts failing at import."""
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packages = [pattern.rstrip("*") for pattern in find["find"]["include"]]
+    uploaded = template["locals"][0]["source_paths"]
+    assert [p for p in packages if p not in uploaded] == []
+
+
 def test_lock_pins_the_templates_vllm_with_hashes(template):
     version = blocks(template, "variable")["vllm_version"]["default"]
     lines = [line for line in LOCK.read_text().splitlines() if line and not line.startswith("#")]
