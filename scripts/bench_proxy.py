@@ -14,6 +14,8 @@ that only counts events. Prints a table; ``--csv FILE`` also writes the figures.
 
     .venv/bin/python scripts/bench_proxy.py [--duration 10] [--csv results/proxy.csv]
         [--baseline REF]   # also the gateway as of git REF, in the same run ("proxy@REF")
+        [--turns N]        # then N turns of each in alternation (c=64 and one stream round),
+                           # so that the machine's drift falls on both: medians per turn
 """
 
 import argparse
@@ -24,6 +26,7 @@ import json
 import re
 import shutil
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -220,6 +223,8 @@ def main() -> None:
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--baseline", metavar="REF",
                         help="also measure the gateway as committed at this git ref")
+    parser.add_argument("--turns", type=int, default=0,
+                        help="with --baseline: alternating turns of proxy and proxy@REF")
     parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
@@ -258,6 +263,9 @@ def main() -> None:
                 cwd=source, ready_url=f"http://127.0.0.1:{base_port}/ready"))
             rows.append(measure(f"proxy@{args.baseline}", base_port, base.pid, key, args,
                                 workdir))
+            contenders = {"proxy": (proxy_port, proxy.pid),
+                          f"proxy@{args.baseline}": (base_port, base.pid)}
+            turns = alternate(contenders, key, args, workdir)
     direct = rows[0]
     for row in rows:
         row["added_c1_p50_ms"] = row["c1_p50_ms"] - direct["c1_p50_ms"]
@@ -268,6 +276,39 @@ def main() -> None:
           f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
     if args.csv:
         write_csv(args.csv, rows)
+    if args.baseline and args.turns:
+        print_turns(turns)
+
+
+def alternate(contenders: dict[str, tuple[int, int]], key: str, args,
+              workdir: Path) -> dict[str, list[tuple[float, float, float]]]:
+    """``args.turns`` turns of each contender in alternation, the order flipped every turn:
+    (CPU µs per request at c=64, CPU µs per SSE event, SSE events/s) per turn."""
+    turns: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for turn in range(args.turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            port, pid = contenders[name]
+            before = cpu_seconds([pid])
+            load = wrk(f"http://127.0.0.1:{port}", key, 64, args.duration, workdir)
+            middle = cpu_seconds([pid])
+            sse = asyncio.run(streams(port, key, 64, 1))
+            after = cpu_seconds([pid])
+            turns[name].append((1e6 * (middle - before) / max(1, load["requests"]),
+                                1e6 * (after - middle) / max(1, sse["events"]),
+                                sse["events_per_s"]))
+    return turns
+
+
+def print_turns(turns: dict[str, list[tuple[float, float, float]]]) -> None:
+    print(f"\n{len(next(iter(turns.values())))} alternating turns, median (each turn):")
+    for name, values in turns.items():
+        columns = list(zip(*values, strict=True))
+        print(f"{name:>22}  CPU/request at c=64 {statistics.median(columns[0]):6.1f} us"
+              f" ({' '.join(f'{v:.0f}' for v in columns[0])})"
+              f"   CPU/SSE event {statistics.median(columns[1]):5.2f} us"
+              f"   SSE events/s {statistics.median(columns[2]):7.0f}"
+              f" ({' '.join(f'{v:.0f}' for v in columns[2])})")
 
 
 def checkout(ref: str, workdir: Path) -> Path:
