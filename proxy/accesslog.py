@@ -47,14 +47,12 @@ class Lines:
         self.pending: list[str] = []
 
     def add(self, line: str) -> None:
-        if not self.pending:
+        self.pending.append(line)
+        if len(self.pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop (a tool, a test): nobody to wait for
-                self.pending.append(line)
                 self.flush()
-                return
-        self.pending.append(line)
 
     def flush(self) -> None:
         if self.pending:

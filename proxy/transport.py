@@ -219,11 +219,12 @@ class EngineTransport(httpx.AsyncBaseTransport):
         """A connect that times out is tried once more before it fails: when the gateway's own
         loop runs late (a CPU-starved process), uvloop runs the due timeout before the I/O that
         says the connect succeeded long ago, and the engine was never the problem."""
+        loop = asyncio.get_running_loop()
+
         def connect():
             return asyncio.wait_for(loop.create_connection(Connection, self.host, self.port),
                                     timeout)
 
-        loop = asyncio.get_running_loop()
         try:
             try:
                 _, conn = await connect()
