@@ -80,6 +80,20 @@ def describe_gateway_routes(api: FastAPI) -> None:
     api.openapi = openapi
 
 
+def with_id(send, record: RequestRecord):
+    """``send`` for the routes FastAPI answers: the answer gets the request's id, and the
+    record its status."""
+    id_header = (b"x-request-id", record.request_id.encode())
+
+    async def send_with_id(message) -> None:
+        if message["type"] == "http.response.start":
+            record.status = message["status"]
+            message["headers"] = [*message.get("headers", ()), id_header]
+        await send(message)
+
+    return send_with_id
+
+
 def error_response(err: ProxyError) -> JSONResponse:
     return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
 
@@ -102,23 +116,15 @@ class Appliance:
         record = RequestRecord(request_id, scope["method"], path, time.monotonic(),
                                arrived=time.time())
         scope.setdefault("state", {})["record"] = record
-        id_header = (b"x-request-id", request_id.encode())
-
-        async def send_with_id(message) -> None:
-            if message["type"] == "http.response.start":
-                record.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
         try:
             if path in GENERATION_ROUTES and self.drain.active:
                 err = self.drain.refusal()
                 record.error = err.code
-                await error_response(err)(scope, receive, send_with_id)
-            elif forwarded(path):
-                await self.gateway(scope, receive, send_with_id)
+                await error_response(err)(scope, receive, with_id(send, record))
+            elif forwarded(path):  # its answers carry the id themselves (``answer_start``)
+                await self.gateway(scope, receive, send)
             else:
-                await self.api(scope, receive, send_with_id)
+                await self.api(scope, receive, with_id(send, record))
         finally:
             duration = time.monotonic() - record.started
             if path in GENERATION_ROUTES and 200 <= record.status < 300:

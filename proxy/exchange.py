@@ -19,6 +19,15 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 
+def answer_start(record: RequestRecord, status: int, headers: Headers) -> dict[str, Any]:
+    """The start of an answer from the gateway: it carries the request's id, and the record
+    notes its status (the app's other routes get both from a wrapper around ``send``, which
+    would cost an extra call on every one of a stream's writes)."""
+    record.status = status
+    return {"type": "http.response.start", "status": status,
+            "headers": [*headers, (b"x-request-id", record.request_id.encode())]}
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     tenant: Tenant
@@ -45,6 +54,5 @@ class Exchange:
 
     async def answer(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole answer at once, with the exchange's own headers added."""
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": [*headers, *self.answer_headers]})
+        await self.send(answer_start(self.record, status, [*headers, *self.answer_headers]))
         await self.send({"type": "http.response.body", "body": body})

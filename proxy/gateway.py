@@ -25,7 +25,7 @@ from .body import (
 )
 from .engine_errors import engine_error
 from .errors import ProxyError, engine_unavailable, invalid, limits_unavailable, model_not_found
-from .exchange import Exchange
+from .exchange import Exchange, answer_start
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
 from .keys import Key, StoreUnavailable
 from .ledger import Ledger
@@ -89,10 +89,13 @@ class ClientGone(Exception):
     """The client hung up; there is nobody left to answer."""
 
 
+def too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"The request body exceeds {limit} bytes.", "request_too_large")
+
+
 async def read_body(receive, limit: int, declared: bytes | None) -> bytes:
-    too_large = ProxyError(413, f"The request body exceeds {limit} bytes.", "request_too_large")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise too_large(limit)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -101,14 +104,15 @@ async def read_body(receive, limit: int, declared: bytes | None) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
-        chunks.append(chunk)
+            raise too_large(limit)
         if not message.get("more_body"):
-            return b"".join(chunks)
+            return b"".join(chunks) + chunk if chunks else chunk
+        chunks.append(chunk)
 
 
-async def send_answer(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def send_answer(send, record: RequestRecord, status: int, headers: list[tuple[bytes, bytes]],
+                      body: bytes) -> None:
+    await send(answer_start(record, status, headers))
     await send({"type": "http.response.body", "body": body})
 
 
@@ -196,7 +200,7 @@ class Gateway:
             record.error = err.code
             headers = [(b"content-type", b"application/json"), *extra,
                        *as_header_list(err.headers)]
-            await send_answer(send, err.status, headers, err.body())
+            await send_answer(send, record, err.status, headers, err.body())
         except ClientGone:
             record.status = 499
             record.error = "client_disconnected"
@@ -205,7 +209,7 @@ class Gateway:
                           record.request_id)
             if record.status == 0:
                 err = ProxyError(500, "The gateway failed unexpectedly.", "internal_error")
-                await send_answer(send, 500, [(b"content-type", b"application/json")],
+                await send_answer(send, record, 500, [(b"content-type", b"application/json")],
                                   err.body())
 
     async def handle(self, scope, receive, send, record: RequestRecord, extra: list) -> None:
@@ -377,8 +381,7 @@ class Gateway:
                             response.content)
             return
         send = ex.send
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*SSE_HEADERS, *ex.answer_headers]})
+        await send(answer_start(ex.record, 200, [*SSE_HEADERS, *ex.answer_headers]))
         outcome.answered = True
         async for events in self.forwarder.relay(ex, response, deadline, outcome):
             await send({"type": "http.response.body", "body": events, "more_body": True})

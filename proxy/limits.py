@@ -59,7 +59,9 @@ class RateLimiter:
     buckets: dict[str, KeyBuckets] = field(default_factory=dict)
 
     def _for(self, name: str, rpm: int | None, tpm: int | None, now: float) -> KeyBuckets:
-        kb = self.buckets.setdefault(name, KeyBuckets())
+        kb = self.buckets.get(name)
+        if kb is None:
+            kb = self.buckets[name] = KeyBuckets()
         kb.requests = _resized(kb.requests, rpm, now)
         kb.tokens = _resized(kb.tokens, tpm, now)
         return kb
