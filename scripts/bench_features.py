@@ -109,7 +109,7 @@ def main() -> None:
                 port = free_port()
                 if name == "bare":
                     argv = [sys.executable, str(ROOT / "scripts" / "bench_proxy.py"),
-                            "--serve-floor", str(port), engine_url, "--bare"]
+                            "--serve-floor", str(port), engine_url, "--kind", "bare"]
                     ready = f"http://127.0.0.1:{port}/health"
                 else:
                     argv = [sys.executable, __file__, "--serve", name, str(port)]

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark the gateway against the fake engine directly and against a minimal pass-through.
 
-One run, same machine, same load, four contenders:
+One run, same machine, same load, five contenders:
   direct   the fast fake engine itself (tests/fake_engine.py)
+  asgi     uvicorn answering every request with a fixed small answer, no engine behind it
+           (``asgi_app``; no streams): the floor of any gateway on uvicorn, before it relays
   floor    a ~30-line FastAPI + httpx pass-through defined below: the usual Python proxy
   bare     uvicorn and the gateway's own engine transport, nothing else (``bare_app``): what any
            Python gateway on uvicorn pays before it checks a key; the gap to ``proxy`` is what
@@ -14,7 +16,7 @@ that only counts events. Prints a table; ``--csv FILE`` also writes the figures.
 
     .venv/bin/python scripts/bench_proxy.py [--duration 10] [--csv results/proxy.csv]
         [--baseline REF]   # also the gateway as of git REF, in the same run ("proxy@REF")
-        [--turns N]        # then N turns of each in alternation (c=64 and one stream round),
+        [--turns N]        # then N turns of each in alternation (c=64, then the stream rounds),
                            # so that the machine's drift falls on both: medians per turn
 """
 
@@ -95,10 +97,30 @@ def bare_app(upstream: str):
     return app
 
 
-def serve_floor(port: int, upstream: str, bare: bool = False) -> None:
+def asgi_app():
+    """Pure ASGI: read the body, answer a fixed chat completion of the fake engine's size."""
+    answer = json.dumps({"id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
+                         "model": "fake-model", "choices": [{"index": 0, "message": {
+                             "role": "assistant", "content": "tok0 tok1 tok2 tok3 tok4 tok5"},
+                             "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 8,
+                                   "total_tokens": 11}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+
+    async def app(scope, receive, send) -> None:
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def serve_floor(port: int, upstream: str, kind: str) -> None:
     import uvicorn
 
-    app = bare_app(upstream) if bare else floor_app(upstream)
+    app = {"floor": floor_app, "bare": bare_app, "asgi": lambda _: asgi_app()}[kind](upstream)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop",
                 http="httptools", access_log=False, lifespan="off")
 
@@ -182,7 +204,8 @@ async def streams(port: int, key: str, concurrency: int, rounds: int) -> dict:
             "stream_errors": expected - events, "events": events}
 
 
-def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path) -> dict:
+def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path,
+            streams_too: bool = True) -> dict:
     url = f"http://127.0.0.1:{port}"
     wrk(url, key, 8, 2, workdir)  # warm-up
     cpu0 = cpu_seconds([pid]) if pid else 0.0
@@ -190,11 +213,14 @@ def measure(name: str, port: int, pid: int | None, key: str, args, workdir: Path
     c64 = wrk(url, key, 64, args.duration, workdir)
     cpu = (cpu_seconds([pid]) - cpu0) if pid else 0.0
     cpu1 = cpu_seconds([pid]) if pid else 0.0
-    sse = asyncio.run(streams(port, key, 64, args.stream_rounds))
+    if not streams_too:
+        sse = {"events_per_s": 0.0, "ttfb_p50_ms": 0.0, "stream_errors": 0, "events": 0}
+    else:
+        sse = asyncio.run(streams(port, key, 64, args.stream_rounds))
     # CPU per relayed event: unlike events/s, it does not move with what else the machine runs.
     events = sse.pop("events")
-    sse["sse_cpu_us_per_event"] = 1e6 * (cpu_seconds([pid]) - cpu1) / max(1, events) if pid \
-        else 0.0
+    sse["sse_cpu_us_per_event"] = 1e6 * (cpu_seconds([pid]) - cpu1) / events \
+        if pid and events else 0.0
     row = {"contender": name, "c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"],
            "c64_rps": c64["rps"], "c64_p50_ms": c64["p50_ms"], "c64_p99_ms": c64["p99_ms"],
            "errors": c1["errors"] + c64["errors"] + sse["stream_errors"],
@@ -227,31 +253,30 @@ def main() -> None:
                         help="with --baseline: alternating turns of proxy and proxy@REF")
     parser.add_argument("--serve-floor", nargs=2, metavar=("PORT", "UPSTREAM"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor:
-        serve_floor(int(args.serve_floor[0]), args.serve_floor[1], args.bare)
+        serve_floor(int(args.serve_floor[0]), args.serve_floor[1], args.kind)
         return
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    engine_port, floor_port, bare_port, proxy_port = (free_port() for _ in range(4))
+    engine_port, asgi_port, floor_port, bare_port, proxy_port = (free_port() for _ in range(5))
     engine_url = f"http://127.0.0.1:{engine_port}"
     key, env = bench_key(workdir, engine_url)
     rows = []
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(running(fake_engine(engine_port),
                                              ready_url=engine_url + "/health"))
-        floor = stack.enter_context(running(
-            [sys.executable, __file__, "--serve-floor", str(floor_port), engine_url],
-            ready_url=f"http://127.0.0.1:{floor_port}/health"))
-        bare = stack.enter_context(running(
-            [sys.executable, __file__, "--serve-floor", str(bare_port), engine_url, "--bare"],
-            ready_url=f"http://127.0.0.1:{bare_port}/health"))
+        asgi, floor, bare = (stack.enter_context(running(
+            [sys.executable, __file__, "--serve-floor", str(port), engine_url, "--kind", kind],
+            ready_url=f"http://127.0.0.1:{port}/health")) for kind, port in
+            (("asgi", asgi_port), ("floor", floor_port), ("bare", bare_port)))
         proxy = stack.enter_context(running(
             [str(VENV_BIN / "appliance-proxy"), "--port", str(proxy_port)], env=env,
             ready_url=f"http://127.0.0.1:{proxy_port}/ready"))
         rows.append(measure("direct", engine_port, engine.pid, key, args, workdir))
+        rows.append(measure("asgi", asgi_port, asgi.pid, key, args, workdir, streams_too=False))
         rows.append(measure("floor", floor_port, floor.pid, key, args, workdir))
         rows.append(measure("bare", bare_port, bare.pid, key, args, workdir))
         rows.append(measure("proxy", proxy_port, proxy.pid, key, args, workdir))
@@ -271,7 +296,7 @@ def main() -> None:
         row["added_c1_p50_ms"] = row["c1_p50_ms"] - direct["c1_p50_ms"]
         row["added_c1_p99_ms"] = row["c1_p99_ms"] - direct["c1_p99_ms"]
     print_table(rows)
-    floor_row, proxy_row = rows[1], rows[3]
+    floor_row, proxy_row = rows[2], rows[4]
     print(f"\nproxy/floor requests/s at c=64: {proxy_row['c64_rps'] / floor_row['c64_rps']:.2f}x"
           f"   proxy SSE events/s: {proxy_row['events_per_s']:.0f}")
     if args.csv:
@@ -292,7 +317,7 @@ def alternate(contenders: dict[str, tuple[int, int]], key: str, args,
             before = cpu_seconds([pid])
             load = wrk(f"http://127.0.0.1:{port}", key, 64, args.duration, workdir)
             middle = cpu_seconds([pid])
-            sse = asyncio.run(streams(port, key, 64, 1))
+            sse = asyncio.run(streams(port, key, 64, args.stream_rounds))
             after = cpu_seconds([pid])
             turns[name].append((1e6 * (middle - before) / max(1, load["requests"]),
                                 1e6 * (after - middle) / max(1, sse["events"]),
