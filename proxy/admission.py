@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class QueueFull(Exception):
@@ -52,8 +52,7 @@ class Unstamped:
     admitted: float | None = None
 
 
-@dataclass(frozen=True)
-class Tenant:
+class Tenant(NamedTuple):
     """What admission needs to know of a key: its name and its share."""
 
     name: str

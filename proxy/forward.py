@@ -246,15 +246,15 @@ class Forwarder:
         """
         watch = IdleWatch(deadline, ex.deadlines.idle, asyncio.get_running_loop())
         partial = b""
-        chunks = response.aiter_raw()
+        next_chunk = response.stream.next_chunk
         try:
             while True:
                 try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
+                    chunk = await next_chunk()
                 except httpx.HTTPError as exc:
                     outcome.error = self._failure(exc)
+                    break
+                if not chunk:
                     break
                 watch.writing_to_client()
                 if outcome.first_chunk_at is None:

@@ -8,6 +8,7 @@ Each key has its own buckets: one key's limit never slows another.
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 WINDOW_S = 60.0
 
@@ -29,8 +30,7 @@ class Bucket:
         return max(0.0, missing * WINDOW_S / self.limit)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     headers: list[tuple[bytes, bytes]]
     """``x-ratelimit-*``, as the answer will carry them."""

@@ -1,12 +1,11 @@
 """How long a request may take, from what it asks for. Pure: no I/O, no clock."""
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .settings import ProxySettings
 
 
-@dataclass(frozen=True)
-class Deadlines:
+class Deadlines(NamedTuple):
     """Seconds: a plain request has a ``total``; a stream a ``first_token`` and an ``idle``."""
 
     total: float | None = None

@@ -159,18 +159,24 @@ class ResponseStream(httpx.AsyncByteStream):
         self.read_timeout = read_timeout
         self.released = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def next_chunk(self) -> bytes:
+        """What arrived since the last call, waiting for something if nothing did; ``b""`` at
+        the body's end. A coroutine rather than an async generator: each of those is registered
+        with the event loop for finalisation, a cost on every request."""
         conn = self.connection
         while True:
             if conn.chunks:
-                yield conn.take_all()
-            elif conn.complete:
-                break
-            elif conn.error is not None:
+                return conn.take_all()
+            if conn.complete:
+                await self.aclose()
+                return b""
+            if conn.error is not None:
                 raise conn.error
-            else:
-                await conn.wait(self.read_timeout)
-        await self.aclose()
+            await conn.wait(self.read_timeout)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.next_chunk():
+            yield chunk
 
     async def aclose(self) -> None:
         if self.released:
@@ -195,7 +201,10 @@ class EngineAnswer:
         return self.stream.__aiter__()
 
     async def aread(self) -> bytes:
-        self.content = b"".join([chunk async for chunk in self.stream])
+        chunks = []
+        while chunk := await self.stream.next_chunk():
+            chunks.append(chunk)
+        self.content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return self.content
 
     def json(self):

@@ -9,7 +9,7 @@ is read the same way.
 """
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 USAGE_KEY = b'"usage"'
 # Flat but for one nested level (``*_details``); unrolled, so runs of plain bytes are one step.
@@ -20,8 +20,7 @@ COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":\s*(\d+)')
 NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')
 
 
-@dataclass(frozen=True)
-class TokenUsage:
+class TokenUsage(NamedTuple):
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

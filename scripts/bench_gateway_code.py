@@ -44,10 +44,13 @@ class CannedStream:
     """An engine answer's body, chunk by chunk, as the transport's stream hands it over."""
 
     def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
+        self.chunks = iter(chunks)
 
-    async def __aiter__(self):
-        for chunk in self.chunks:
+    async def next_chunk(self) -> bytes:
+        return next(self.chunks, b"")
+
+    async def __aiter__(self):  # how gateways before 2026-11-25 read it
+        while chunk := await self.next_chunk():
             yield chunk
 
     async def aclose(self) -> None:
