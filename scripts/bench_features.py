@@ -66,7 +66,8 @@ def take_out(features: tuple[str, ...]) -> None:
 
         metrics_module.Metrics.__init__ = init
     if "watch" in features:
-        gateway.CancelledOnDisconnect = lambda receive, after_s=0.0: contextlib.nullcontext()
+        gateway.CancelledOnDisconnect = lambda receive, after_s=0.0, total_s=None: \
+            contextlib.nullcontext()
     if "admission" in features:
         gateway.Gateway.engine_slot = lambda self, ex: gateway.Unqueued(ex.record)
     if "usage" in features:
