@@ -11,7 +11,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -237,8 +237,11 @@ class Forwarder:
             raise self._failure(exc) from None
 
     async def relay(self, ex: Exchange, response: EngineAnswer, deadline: asyncio.Timeout,
-                    outcome: StreamOutcome) -> AsyncIterator[bytes]:
-        """Yield complete SSE events as they arrive, noting usage and stripping what we added.
+                    outcome: StreamOutcome) -> None:
+        """Send the client complete SSE events as they arrive, noting usage and stripping what
+        we added (the answer's start is the caller's, and so is its end). Written rather than
+        yielded: an async generator between the engine and the client was a step more on every
+        event.
 
         ``deadline`` is already armed with the first-token deadline; from the first chunk on the
         idle deadline applies instead, counting only time spent awaiting the engine, not time
@@ -247,6 +250,7 @@ class Forwarder:
         watch = IdleWatch(deadline, ex.deadlines.idle, asyncio.get_running_loop())
         partial = b""
         next_chunk = response.stream.next_chunk
+        send = ex.send
         try:
             while True:
                 try:
@@ -274,14 +278,14 @@ class Forwarder:
                 if STREAM_ERROR in ready:
                     ready = stream_errors(ready)
                 if ready:
-                    yield ready
+                    await send({"type": "http.response.body", "body": ready, "more_body": True})
                 watch.awaiting_engine()
         finally:
             watch.close()
         if outcome.held:  # the usage chunk never came: relay the terminal chunks as they were
-            yield b"".join(_stamped(event, b"") for event in outcome.held)
+            partial = b"".join(_stamped(event, b"") for event in outcome.held) + partial
         if partial:
-            yield partial
+            await send({"type": "http.response.body", "body": partial, "more_body": True})
 
     @staticmethod
     def _take_usage(ready: bytes, ex: Exchange, outcome: StreamOutcome) -> bytes:

@@ -413,8 +413,7 @@ class Gateway:
         send = ex.send
         await send(answer_start(ex.record, 200, [*SSE_HEADERS, *ex.answer_headers]))
         outcome.answered = True
-        async for events in self.forwarder.relay(ex, response, deadline, outcome):
-            await send({"type": "http.response.body", "body": events, "more_body": True})
+        await self.forwarder.relay(ex, response, deadline, outcome)
         if outcome.error is not None:
             await self.end_stream(ex, outcome.error)
         else:
