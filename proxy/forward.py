@@ -21,7 +21,7 @@ from .engine_errors import STREAM_ERROR, stream_errors
 from .errors import ProxyError, engine_unavailable
 from .exchange import Exchange
 from .transport import EngineAnswer, EngineTransport
-from .usage import TokenUsage, take_usage
+from .usage import TokenUsage, cut_usage, usage_of
 
 HOP_BY_HOP = frozenset(
     {
@@ -124,13 +124,18 @@ class IdleWatch:
 class StreamOutcome:
     """How a relayed stream ended, for accounting."""
 
-    usage: TokenUsage | None = None
+    usage_object: bytes | None = None
+    """The last usage the engine reported, as it sent it (``usage`` reads it)."""
     answered: bool = False
     """The client has had the answer's headers: later errors travel as an SSE event."""
     first_chunk_at: float | None = None
     error: ProxyError | None = None
     held: list[bytes] = field(default_factory=list)
     """Terminal chunks waiting for the usage chunk's fingerprint (see ``_take_usage``)."""
+
+    @property
+    def usage(self) -> TokenUsage | None:
+        return None if self.usage_object is None else usage_of(self.usage_object)
 
 
 class Forwarder:
@@ -300,9 +305,9 @@ class Forwarder:
         for event in ready.split(b"\n\n"):
             if not event:
                 continue
-            event, usage, only_usage = take_usage(event, ex.strip_chunk_usage)
+            event, usage, only_usage = cut_usage(event, ex.strip_chunk_usage)
             if usage is not None:
-                outcome.usage = usage
+                outcome.usage_object = usage
             if only_usage and ex.strip_final_usage:
                 stamp = FINGERPRINT.search(event)
                 kept.extend(_stamped(held, stamp.group(0) if stamp else b"")

@@ -43,10 +43,10 @@ def from_json_body(content: bytes) -> TokenUsage | None:
     stream's, from its bytes: not parsing the whole answer saves a sizeable share of a small
     request's CPU."""
     found = last_usage(content)
-    return None if found is None else _usage_in(found.group(1))
+    return None if found is None else usage_of(found.group(1))
 
 
-def _usage_in(usage: bytes) -> TokenUsage:
+def usage_of(usage: bytes) -> TokenUsage:
     """The counts in one usage object's bytes (absent counts are 0)."""
     prompt = PROMPT_TOKENS.search(usage)
     completion = COMPLETION_TOKENS.search(usage)
@@ -57,17 +57,25 @@ def _usage_in(usage: bytes) -> TokenUsage:
 def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | None, bool]:
     """One SSE event's usage: the event (its running usage cut out when ``strip_running``),
     the usage found, and whether the event is the final usage-only chunk (``"choices": []``).
-    The usage is a chunk's last key, after a comma; the cut takes the comma with it.
+    """
+    event, usage, only_usage = cut_usage(event, strip_running)
+    return event, None if usage is None else usage_of(usage), only_usage
+
+
+def cut_usage(event: bytes, strip_running: bool) -> tuple[bytes, bytes | None, bool]:
+    """``take_usage`` with the usage object's bytes, unread: a stream reads only its last
+    one (``usage_of``), reading every chunk's was a sixth of an event's CPU. The usage is a
+    chunk's last key, after a comma; the cut takes the comma with it.
     """
     found = last_usage(event)
     if found is None:
         return event, None, False
-    comma = event.rfind(b",", 0, found.start())
-    if comma < 0 or event[comma + 1:found.start()].strip():
+    start = found.start()
+    comma = event.rfind(b",", 0, start)
+    if comma < 0 or (comma + 1 < start and event[comma + 1:start].strip()):
         return event, None, False
-    usage = _usage_in(found.group(1))
     choices = event.find(b'"choices"')
     only_usage = choices >= 0 and NO_CHOICES.match(event, choices) is not None
     if strip_running and not only_usage:
         event = event[:comma] + event[found.end():]
-    return event, usage, only_usage
+    return event, found.group(1), only_usage

@@ -3,7 +3,7 @@
 
 The gateway's ASGI app (auth, limits, fair admission, usage, metrics, the access log) is
 driven in this process: the engine's answer is canned (a chat completion, or a stream of 256
-chunks and a usage chunk as the fake engine sends them) and the client's ``send`` keeps what it
+chunks and a usage chunk as vLLM sends them to the gateway) and the client's ``send`` keeps what it
 is given. No sockets, no uvicorn, no other process: what is left is the Python the gateway runs
 on top of uvicorn and its engine transport, so a change to it can be compared on a noisy
 machine (the multi-process benchmarks move by 10-20% from one run to the next; this by a few).
@@ -29,9 +29,12 @@ ANSWER = (b'{"id":"chatcmpl-fake","object":"chat.completion","created":0,"model"
           b'"choices":[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2"},'
           b'"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":8,'
           b'"total_tokens":11}}')
+# Every chunk with its running usage: the gateway asks for it (continuous_usage_stats), so
+# that a stream the client leaves is billed for what the engine generated.
 EVENTS = [b'data: {"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,'
           b'"model":"fake-model","choices":[{"index":0,"delta":{"content":" tok%d"},'
-          b'"finish_reason":null}]}\n\n' % i for i in range(256)]
+          b'"finish_reason":null}],"usage":{"prompt_tokens":3,"total_tokens":%d,'
+          b'"completion_tokens":%d}}\n\n' % (i, 4 + i, i + 1) for i in range(256)]
 EVENTS.append(b'data: {"id":"fake","object":"chat.completion.chunk","created":0,'
               b'"model":"fake-model","choices":[],"usage":{"prompt_tokens":3,'
               b'"completion_tokens":256,"total_tokens":259}}\n\ndata: [DONE]\n\n')

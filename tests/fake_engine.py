@@ -127,7 +127,11 @@ class FakeEngine:
         stats.in_progress += 1
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(set_on_disconnect(receive, gone))
-        include_usage = (request.get("stream_options") or {}).get("include_usage")
+        options = request.get("stream_options") or {}
+        include_usage = options.get("include_usage")
+        # As vLLM: with continuous_usage_stats every chunk carries the running count.
+        running = prompt_tokens if include_usage and options.get("continuous_usage_stats") \
+            else None
         try:
             await send(
                 {
@@ -145,7 +149,7 @@ class FakeEngine:
                 if (pause and await wait_or_gone(gone, pause)) or gone.is_set():
                     stats.disconnects += 1
                     return
-                event = sse(chunk_body(chat, i))
+                event = sse(chunk_body(chat, i, running))
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             tail = sse(usage_chunk(chat, n, prompt_tokens)) if include_usage else b""
             tail += b"data: [DONE]\n\n"
@@ -243,15 +247,21 @@ def completion_body(chat: bool, n: int, prompt_tokens: int) -> dict:
             "model": MODEL, "choices": [choice], "usage": usage}
 
 
-def chunk_body(chat: bool, i: int) -> dict:
+def chunk_body(chat: bool, i: int, prompt_tokens: int | None = None) -> dict:
+    """Chunk ``i``; given ``prompt_tokens``, with the running usage as vLLM's last key."""
     if chat:
         delta = {"content": f" tok{i}"} if i else {"role": "assistant", "content": "tok0"}
         choice = {"index": 0, "delta": delta, "finish_reason": None}
-        return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+        body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
                 "model": MODEL, "choices": [choice]}
-    choice = {"index": 0, "text": f" tok{i}", "finish_reason": None}
-    return {"id": "cmpl-fake", "object": "text_completion", "created": 0,
-            "model": MODEL, "choices": [choice]}
+    else:
+        choice = {"index": 0, "text": f" tok{i}", "finish_reason": None}
+        body = {"id": "cmpl-fake", "object": "text_completion", "created": 0,
+                "model": MODEL, "choices": [choice]}
+    if prompt_tokens is not None:
+        body["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + i + 1,
+                         "completion_tokens": i + 1}
+    return body
 
 
 def usage_chunk(chat: bool, n: int, prompt_tokens: int) -> dict:

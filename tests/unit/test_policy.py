@@ -1,6 +1,7 @@
 """Pure policy: deadlines, rate-limit buckets and headers, request checks, usage parsing."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.body import parse_request, usage_requested
 from proxy.errors import ProxyError
+from proxy.forward import Forwarder, StreamOutcome
 from proxy.limits import RateLimiter, reset_text
 from proxy.settings import ProxySettings
 from proxy.timeouts import Deadlines, deadlines_for
@@ -187,3 +189,14 @@ def test_a_chunks_running_usage_is_read_and_cut_whatever_its_text(content, promp
     cut, found, only_usage = take_usage(event, strip_running=True)
     assert found == TokenUsage(prompt, completion) and not only_usage
     assert json.loads(cut[len(b"data: "):]) == chunk
+
+
+def test_a_stream_reads_only_the_last_usage_it_relays():
+    outcome = StreamOutcome()
+    ex = SimpleNamespace(strip_chunk_usage=True, strip_final_usage=False)
+    second = RUNNING.replace(b'"total_tokens":10,"completion_tokens":3',
+                             b'"total_tokens":11,"completion_tokens":4')
+    kept = Forwarder._take_usage(RUNNING + b"\n\n" + second + b"\n\n", ex, outcome)
+    assert kept.count(b"data: ") == 2 and b'"usage"' not in kept.replace(b'\\"usage\\"', b"")
+    assert outcome.usage_object.startswith(b'{"prompt_tokens":7,"total_tokens":11')
+    assert outcome.usage == TokenUsage(7, 4)
