@@ -45,6 +45,9 @@ class HeldHeadTransport:
         self.flush()
         self.transport.close()
 
+    def is_closing(self) -> bool:  # uvicorn asks after every answer: not through __getattr__
+        return self.transport.is_closing()
+
     def __getattr__(self, name: str):
         return getattr(self.transport, name)
 

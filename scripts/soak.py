@@ -14,6 +14,9 @@ Pass, printed per check (exit status 1 if any fails):
   - no 5xx but the deliberate ones, and every stream that was not aborted ends with [DONE]
   - usage in the key store (`appliance-keys usage`) equals what the engine reported to clients
     (requests per key, and prompt and completion tokens from every usage object received)
+  - a stream its client left is billed its prompt and at least the tokens the client read, and
+    no key more than the engine generated (the gateway bills the running usage of the last
+    chunk it relayed, which the client does not see)
   - proxy RSS grows less than 10% from the end of the warm-up to the end
   - as many open file descriptors in the proxy at rest after the run as after the warm-up
   - every stream the clients aborted was aborted upstream (the engine's /fake/stats
@@ -42,6 +45,7 @@ import httpx  # noqa: E402
 
 from scripts.bench_proxy import write_csv  # noqa: E402
 from scripts.procstats import rss_kib  # noqa: E402
+from tests.fake_engine import count_prompt_tokens  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
 ENGINE_KEY = "soak-internal-engine-key"
@@ -69,6 +73,8 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     aborted: int = 0
+    read_when_aborted: int = 0
+    """Tokens read from streams before leaving them (the fake engine sends one an event)."""
     unexpected: list[str] = field(default_factory=list)
 
     def usage(self, payload: dict) -> None:
@@ -134,6 +140,8 @@ async def stream(client: httpx.AsyncClient, key: str, body: dict, tally: Tally,
             events += 1
             if abort_after is not None and events >= abort_after:
                 tally.aborted += 1
+                tally.read_when_aborted += events
+                tally.prompt_tokens += count_prompt_tokens(body)  # billed, never seen
                 return  # leaving the block closes the connection mid-stream
         if not done:
             tally.unexpected.append(f"stream ended after {events} events without [DONE]")
@@ -290,9 +298,14 @@ def soak(seconds: float, steady_clients: int, workdir: Path) -> tuple[list[tuple
 
     unexpected = [f"{name}: {u}" for name, t in tallies.items() for u in t.unexpected]
     deliberate = sum(v for k, v in tallies["faulty"].status.items() if k >= 500)
+    # Exact for requests and prompts; for completions, where no stream was left.
     mismatched = [name for name, t in tallies.items()
-                  if usage.get(name, (0, 0, 0)) != (t.admitted, t.prompt_tokens,
-                                                    t.completion_tokens)]
+                  if usage.get(name, (0, 0, 0))[:2] != (t.admitted, t.prompt_tokens)
+                  or (not t.aborted and usage.get(name, (0, 0, 0))[2] != t.completion_tokens)]
+    billed = sum(usage.get(name, (0, 0, 0))[2] for name in tallies)
+    under_read = [name for name, t in tallies.items() if t.aborted
+                  and usage.get(name, (0, 0, 0))[2] < t.completion_tokens + t.read_when_aborted]
+    left = tallies["aborter"]
     aborted = sum(t.aborted for t in tallies.values())
     growth = rss_peak_after / rss_warm - 1
     checks = [
@@ -307,6 +320,11 @@ def soak(seconds: float, steady_clients: int, workdir: Path) -> tuple[list[tuple
          f"steady {tallies['steady'].status[429]}"),
         ("key store usage equals what the engine reported to clients", not mismatched,
          "all keys agree" if not mismatched else f"differ: {', '.join(mismatched)}"),
+        ("streams left mid-way are billed between what was read and what was generated",
+         left.aborted > 0 and not under_read and billed <= engine_stats["generated"],
+         f"aborter read {left.read_when_aborted} tokens of {left.aborted} streams, billed "
+         f"{usage.get('aborter', (0, 0, 0))[2]}; all keys billed {billed} completion tokens, "
+         f"the engine generated {engine_stats['generated']}"),
         (f"proxy RSS growth after warm-up < {RSS_GROWTH_LIMIT:.0%}",
          growth < RSS_GROWTH_LIMIT,
          f"{rss_warm / 1024:.1f} MB after warm-up, peak {rss_peak_after / 1024:.1f} MB after "

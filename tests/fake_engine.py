@@ -30,6 +30,8 @@ class Stats:
         self.completed = 0
         self.started = 0
         self.in_progress = 0
+        self.generated = 0
+        """Completion tokens answered or streamed, as vLLM's generation_tokens_total counts."""
         self.last_headers: dict[str, str] = {}
         self.last_body: Any = None
 
@@ -39,6 +41,7 @@ class Stats:
             "completed": self.completed,
             "started": self.started,
             "in_progress": self.in_progress,
+            "generated": self.generated,
             "last_headers": self.last_headers,
             "last_body": self.last_body,
         }
@@ -117,6 +120,7 @@ class FakeEngine:
                     return
                 disconnected.cancel()
             self.stats.completed += 1
+            self.stats.generated += n
             await respond(send, 200, completion_body(chat, n, prompt_tokens))
             return
         await self.stream(chat, n, prompt_tokens, request, fake, receive, send)
@@ -151,6 +155,7 @@ class FakeEngine:
                     return
                 event = sse(chunk_body(chat, i, running))
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+                stats.generated += 1
             tail = sse(usage_chunk(chat, n, prompt_tokens)) if include_usage else b""
             tail += b"data: [DONE]\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})

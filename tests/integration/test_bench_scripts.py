@@ -34,7 +34,8 @@ def test_soak_runs_and_passes_its_behaviour_checks(tmp_path):
     out = run.stdout
     for check in ("no 5xx but the deliberate ones", "rate limits refused the keys over them",
                   "key store usage equals what the engine reported",
-                  "every aborted stream aborted upstream"):
+                  "every aborted stream aborted upstream",
+                  "streams left mid-way are billed between what was read and what was generated"):
         assert f"PASS  {check}" in out, out + run.stderr
     # Growth and leaks need minutes to mean anything: here only that they are measured.
     assert "proxy RSS growth" in out and "file descriptors" in out
@@ -49,3 +50,10 @@ def test_bench_workers_runs_every_worker_count_without_errors(tmp_path):
     rows = list(csv.DictReader((tmp_path / "bench_workers.csv").open()))
     assert [r["contender"] for r in rows] == ["direct", "1 worker", "2 workers"]
     assert all(int(r["errors"]) == 0 and float(r["rps"]) > 0 for r in rows), rows
+
+
+def test_bench_gateway_code_drives_the_gateway_to_200s_and_reports_both_costs():
+    run = subprocess.run([sys.executable, "scripts/bench_gateway_code.py", "--requests", "300",
+                          "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "us a small request" in run.stdout and "us a streamed event" in run.stdout
