@@ -28,6 +28,13 @@ def answer_start(record: RequestRecord, status: int, headers: Headers) -> dict[s
             "headers": [*headers, (b"x-request-id", record.request_id.encode())]}
 
 
+async def send_answer(send: Send, record: RequestRecord, status: int, headers: Headers,
+                      body: bytes) -> None:
+    """A whole answer at once: its start (``answer_start``), then its body."""
+    await send(answer_start(record, status, headers))
+    await send({"type": "http.response.body", "body": body})
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     tenant: Tenant
@@ -54,5 +61,4 @@ class Exchange:
 
     async def answer(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole answer at once, with the exchange's own headers added."""
-        await self.send(answer_start(self.record, status, [*headers, *self.answer_headers]))
-        await self.send({"type": "http.response.body", "body": body})
+        await send_answer(self.send, self.record, status, [*headers, *self.answer_headers], body)

@@ -25,7 +25,7 @@ from .body import (
 )
 from .engine_errors import engine_error
 from .errors import ProxyError, engine_unavailable, invalid, limits_unavailable, model_not_found
-from .exchange import Exchange, answer_start
+from .exchange import Exchange, answer_start, send_answer
 from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
 from .keys import Key, StoreUnavailable
 from .ledger import Ledger
@@ -105,15 +105,9 @@ async def read_body(receive, limit: int, declared: bytes | None) -> bytes:
         size += len(chunk)
         if size > limit:
             raise too_large(limit)
-        if not message.get("more_body"):
-            return b"".join(chunks) + chunk if chunks else chunk
         chunks.append(chunk)
-
-
-async def send_answer(send, record: RequestRecord, status: int, headers: list[tuple[bytes, bytes]],
-                      body: bytes) -> None:
-    await send(answer_start(record, status, headers))
-    await send({"type": "http.response.body", "body": body})
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def as_header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -162,8 +156,7 @@ class CancelledOnDisconnect:
         if self.total_s is not None:
             self.ends_at = now + self.total_s
         if self.after_s <= 0:
-            self._watch()
-            self._arm_deadline()
+            self._watch_then_deadline()
         elif self.ends_at is not None and self.ends_at <= now + self.after_s:
             self._arm_deadline()  # over before a watch would start
         else:

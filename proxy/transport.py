@@ -204,7 +204,7 @@ class EngineAnswer:
         chunks = []
         while chunk := await self.stream.next_chunk():
             chunks.append(chunk)
-        self.content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.content = b"".join(chunks)
         return self.content
 
     def json(self):

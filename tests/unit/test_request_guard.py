@@ -22,10 +22,6 @@ def client(leaves_after_s: float | None):
     return receive, calls
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 def test_the_deadline_raises_timeout_and_leaves_the_task_usable():
     async def main() -> None:
         receive, _ = client(None)
@@ -35,7 +31,7 @@ def test_the_deadline_raises_timeout_and_leaves_the_task_usable():
         assert asyncio.current_task().cancelling() == 0
         await asyncio.sleep(0.01)  # not cancelled again
 
-    run(main())
+    asyncio.run(main())
 
 
 def test_work_done_in_time_is_left_alone():
@@ -47,7 +43,7 @@ def test_work_done_in_time_is_left_alone():
         assert calls == [1]  # watched from 10 ms on
         return "done"
 
-    assert run(main()) == "done"
+    assert asyncio.run(main()) == "done"
 
 
 def test_a_deadline_sooner_than_the_watch_needs_no_watch():
@@ -58,7 +54,7 @@ def test_a_deadline_sooner_than_the_watch_needs_no_watch():
                 await asyncio.sleep(5)
         return calls
 
-    assert run(main()) == []
+    assert asyncio.run(main()) == []
 
 
 @pytest.mark.parametrize("leaves_after_s", [0.0, 0.1])
@@ -70,7 +66,7 @@ def test_a_client_that_leaves_before_the_deadline_is_client_gone(leaves_after_s)
                 await asyncio.sleep(5)
         assert asyncio.current_task().cancelling() == 0
 
-    run(main())
+    asyncio.run(main())
 
 
 def test_an_outside_cancel_is_not_taken_for_the_deadline():
@@ -86,4 +82,4 @@ def test_an_outside_cancel_is_not_taken_for_the_deadline():
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    run(outer())
+    asyncio.run(outer())
