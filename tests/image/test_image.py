@@ -452,9 +452,23 @@ def journal(instance: Instance, *args: str) -> str:
     return instance.machine.run(["journalctl", "--no-pager", "-o", "cat", *args]).stdout
 
 
+def usage_all_saved(instance: Instance, timeout: float = 60.0) -> None:
+    """Until the gateway has written every answered request's usage to the key store (it
+    flushes every APPLIANCE_USAGE_FLUSH_INTERVAL_S): a snapshot taken sooner misses the last
+    requests, which the gateway's stop then writes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = instance.machine.run(["curl", "-sf", "http://127.0.0.1:8080/metrics"]).stdout
+        if re.search(r"^appliance_usage_unsaved_requests 0(\.0)?$", metrics, re.MULTILINE):
+            return
+        time.sleep(1)
+    raise AssertionError("the gateway kept unsaved usage for a minute")
+
+
 def test_reboot_keeps_keys_and_usage_and_does_not_run_first_boot_again(instance):
     m = instance.machine
     key_before, env_before = admin_key(instance), m.run(["cat", "/etc/appliance/appliance.env"])
+    usage_all_saved(instance)
     usage_before = m.run(["appliance-keys", "usage", "admin"]).stdout
     with phase("reboot: power off and boot again"):
         instance.shutdown()
