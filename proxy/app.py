@@ -20,20 +20,20 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from . import accesslog
-from .accesslog import RequestRecord
-from .admission import FairQueue
-from .auth import Authenticator
-from .drain import RELAYED, Drain, tell_siblings
-from .errors import ProxyError
-from .forward import Forwarder
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
-from .keys import StoreUnavailable, is_postgres, open_store
-from .ledger import Ledger
-from .limits import RateLimiter
-from .metrics import Metrics, QuotaFamilies
-from .quota import QuotaBook
+from .keys.auth import Authenticator
+from .keys.store import StoreUnavailable, is_postgres, open_store
+from .observe import accesslog
+from .observe.accesslog import RequestRecord
+from .observe.metrics import Metrics, QuotaFamilies
+from .protocol.errors import ProxyError
+from .relay.drain import RELAYED, Drain, tell_siblings
+from .relay.forward import Forwarder
 from .settings import ProxySettings
+from .tenancy.admission import FairQueue
+from .tenancy.ledger import Ledger
+from .tenancy.limits import RateLimiter
+from .tenancy.quota import QuotaBook
 
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
 # Fresh request ids: unique per process start and request, without a random read per request.
@@ -153,7 +153,7 @@ def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
     """This gateway's own limiter and quota book, or the fleet's in Redis (and its link)."""
     if not settings.limits_url:
         return RateLimiter(), QuotaBook(auth.period_usage), None
-    from .limits_redis import Link, SharedLimiter, SharedQuotaBook, connect
+    from .tenancy.limits_redis import Link, SharedLimiter, SharedQuotaBook, connect
 
     link = Link(connect(settings.limits_url, settings.limits_pool_size,
                         settings.limits_timeout_s), metrics)

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 
-from .keys import (
+from .keys.store import (
     PERIODS,
     SETTINGS,
     Key,

@@ -11,10 +11,11 @@ import math
 import time
 from urllib.parse import unquote
 
-from .accesslog import RequestRecord
-from .admission import FairQueue, QueueFull, Slot, Tenant, Unqueued
-from .auth import Authenticator, store_error
-from .body import (
+from .keys.auth import Authenticator, store_error
+from .keys.store import Key, StoreUnavailable
+from .observe.accesslog import RequestRecord
+from .observe.metrics import Metrics
+from .protocol.body import (
     USAGE_ON_REQUEST,
     encode,
     lacks_output_cap,
@@ -23,16 +24,24 @@ from .body import (
     usage_requested,
     with_output_cap,
 )
-from .engine_errors import engine_error
-from .errors import ProxyError, engine_unavailable, invalid, limits_unavailable, model_not_found
-from .exchange import Exchange, answer_start, send_answer
-from .forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
-from .keys import Key, StoreUnavailable
-from .ledger import Ledger
-from .limits import RateLimiter
-from .metrics import Metrics
-from .models import engine_route, is_models_route, models_answer
-from .quota import (
+from .protocol.engine_errors import engine_error
+from .protocol.errors import (
+    ProxyError,
+    engine_unavailable,
+    invalid,
+    limits_unavailable,
+    model_not_found,
+)
+from .protocol.models import engine_route, is_models_route, models_answer
+from .protocol.usage import TokenUsage, from_json_body
+from .relay.exchange import Exchange, answer_start, send_answer
+from .relay.forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
+from .settings import ProxySettings
+from .tenancy.admission import FairQueue, QueueFull, Slot, Tenant, Unqueued
+from .tenancy.deadlines import deadlines_for
+from .tenancy.ledger import Ledger
+from .tenancy.limits import RateLimiter
+from .tenancy.quota import (
     LimitsUnavailable,
     QuotaBook,
     QuotaExceeded,
@@ -40,9 +49,6 @@ from .quota import (
     reservation_for,
     retry_after_text,
 )
-from .settings import ProxySettings
-from .timeouts import deadlines_for
-from .usage import TokenUsage, from_json_body
 
 # Routes that run the model and so get deadlines sized to the work; the rest get a short one.
 GENERATION_ROUTES = frozenset(

@@ -10,9 +10,9 @@ import logging
 
 import uvicorn
 
-from . import accesslog
 from .app import create_app
 from .coalesce import HttpProtocol
+from .observe import accesslog
 from .settings import ProxySettings, load_settings
 from .supervisor import Supervisor
 from .workers import ports, worker_settings

@@ -44,8 +44,10 @@ VARIANTS = {"full": (), **{f"no-{f}": (f,) for f in FEATURES}, "none": FEATURES,
 
 def take_out(features: tuple[str, ...]) -> None:
     """Patch the gateway's modules before it starts: each named feature becomes a no-op."""
-    from proxy import accesslog, gateway, limits
-    from proxy import metrics as metrics_module
+    from proxy import gateway
+    from proxy.observe import accesslog
+    from proxy.observe import metrics as metrics_module
+    from proxy.tenancy import limits
 
     class Nothing:
         def __getattr__(self, name: str) -> "Nothing":

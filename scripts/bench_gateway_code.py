@@ -62,10 +62,10 @@ class CannedStream:
 
 def measure(requests: int) -> tuple[float, float]:
     """(µs CPU per small request, µs CPU per streamed event) in this process."""
-    from proxy import accesslog
     from proxy.app import create_app
+    from proxy.observe import accesslog
+    from proxy.relay.transport import EngineAnswer
     from proxy.settings import load_settings
-    from proxy.transport import EngineAnswer
 
     settings = load_settings()
     accesslog.configure(settings.log_level)

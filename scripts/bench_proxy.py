@@ -73,8 +73,8 @@ def bare_app(upstream: str):
     the answer chunk by chunk. No routing, no key, no limit, no usage, no metric."""
     import httpx
 
-    from proxy.forward import client_headers
-    from proxy.transport import EngineTransport
+    from proxy.relay.forward import client_headers
+    from proxy.relay.transport import EngineTransport
 
     url = httpx.URL(upstream)
     transport = EngineTransport(url.host, url.port)

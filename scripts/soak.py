@@ -51,7 +51,7 @@ from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E40
 ENGINE_KEY = "soak-internal-engine-key"
 RSS_GROWTH_LIMIT = 0.10
 SAMPLE_EVERY_S = 5.0
-# Longer than the gateway's idle keep-alive to the engine (proxy/transport.py), so pooled
+# Longer than the gateway's idle keep-alive to the engine (proxy/relay/transport.py), so pooled
 # connections from the load have expired when descriptors are counted at rest.
 REST_S = 6.0
 ABORTS_SERIES = 'appliance_upstream_aborts_total{reason="client_disconnected"}'

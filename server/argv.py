@@ -55,7 +55,7 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
 def engine_env(plan: EnginePlan, api_key: str, base: Mapping[str, str]) -> dict[str, str]:
     """The environment vLLM runs with: the internal key, no phoning home, CPU thread pinning,
     and keep-alive connections held far longer than the gateway keeps them idle (see
-    ``proxy/transport.py``), so the engine never closes one as a request arrives on it."""
+    ``proxy/relay/transport.py``), so the engine never closes one as a request arrives on it."""
     env = {key: value for key, value in base.items() if key != "APPLIANCE_ENGINE_API_KEY"}
     env["VLLM_API_KEY"] = api_key
     env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEPALIVE_S))

@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from proxy.keys_postgres import SCHEMA_VERSION, PostgresKeyStore, schema_version
+from proxy.keys.postgres import SCHEMA_VERSION, PostgresKeyStore, schema_version
 from tests.integration.proxy_stack import gateway, keys_cli, make_key
 from tests.integration.test_gateway import CHAT, error_of, wait_for
 from tests.stores import postgres, redis_server
@@ -101,7 +101,7 @@ def test_schema_upgrade_runs_once_when_appliances_start_together(keys_url):
 
 
 def test_a_failed_upgrade_step_leaves_the_schema_as_it_was(keys_url, monkeypatch):
-    from proxy import keys_postgres
+    from proxy.keys import postgres as keys_postgres
 
     PostgresKeyStore(keys_url).close()
     broken = ("ALTER TABLE keys ADD COLUMN team text", "ALTER TABLE nowhere ADD COLUMN x int")

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from proxy import limits_redis
-from proxy.keys import Key
-from proxy.limits_redis import Link, SharedLimiter, SharedQuotaBook, connect
-from proxy.metrics import Metrics
-from proxy.quota import LimitsUnavailable, QuotaExceeded
+from proxy.keys.store import Key
+from proxy.observe.metrics import Metrics
+from proxy.tenancy import limits_redis
+from proxy.tenancy.limits_redis import Link, SharedLimiter, SharedQuotaBook, connect
+from proxy.tenancy.quota import LimitsUnavailable, QuotaExceeded
 from tests.stores import redis_server
 
 NOW = time.time()  # accounts expire at the end of NOW's month, on Redis's clock

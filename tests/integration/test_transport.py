@@ -7,7 +7,7 @@ import httpx
 import pytest
 import uvloop
 
-from proxy.transport import EngineTransport
+from proxy.relay.transport import EngineTransport
 from tests.servers import free_port
 
 

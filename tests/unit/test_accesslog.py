@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import accesslog
-from proxy.accesslog import LINES, RequestRecord
+from proxy.observe import accesslog
+from proxy.observe.accesslog import LINES, RequestRecord
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from proxy.admission import FairQueue, QueueFull, Tenant, Unstamped
+from proxy.tenancy.admission import FairQueue, QueueFull, Tenant, Unstamped
 
 
 async def hold(queue: FairQueue, tenant: Tenant, order: list[str], release: asyncio.Event,

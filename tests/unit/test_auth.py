@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from proxy.auth import Authenticator, bearer_secret
-from proxy.errors import ProxyError
-from proxy.keys import open_store
-from proxy.keys_sqlite import SqliteKeyStore as KeyStore
+from proxy.keys.auth import Authenticator, bearer_secret
+from proxy.keys.sqlite import SqliteKeyStore as KeyStore
+from proxy.keys.store import open_store
+from proxy.protocol.errors import ProxyError
 
 
 @pytest.mark.parametrize(("header", "secret"), [(b"Bearer abc", "abc"), (b"bearer  abc ", "abc"),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.keys import period_label
-from proxy.keys_sqlite import SqliteKeyStore as KeyStore
+from proxy.keys.sqlite import SqliteKeyStore as KeyStore
+from proxy.keys.store import period_label
 
 CLI = Path(sys.executable).parent / "appliance-keys"
 

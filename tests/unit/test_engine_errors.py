@@ -1,10 +1,10 @@
-"""proxy/engine_errors.py: vLLM's error answers, as captured from vLLM 0.32, in OpenAI's shape."""
+"""proxy/protocol/engine_errors.py: vLLM's error answers, as captured from vLLM 0.32, in OpenAI's shape."""
 
 import json
 
 import pytest
 
-from proxy.engine_errors import engine_error, stream_errors
+from proxy.protocol.engine_errors import engine_error, stream_errors
 
 OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
                 "not_found_error", "rate_limit_error", "server_error"}

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from proxy.forward import IdleWatch
+from proxy.relay.forward import IdleWatch
 
 IDLE_S = 0.2
 

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from proxy import keys_sqlite as keys
-from proxy.keys import (
+from proxy.keys import sqlite as keys
+from proxy.keys.sqlite import SCHEMA_VERSION, schema_version
+from proxy.keys.sqlite import SqliteKeyStore as KeyStore
+from proxy.keys.store import (
     SECRET_PREFIX,
     KeyExists,
     StoreUnavailable,
@@ -18,8 +20,6 @@ from proxy.keys import (
     period_end,
     period_label,
 )
-from proxy.keys_sqlite import SCHEMA_VERSION, schema_version
-from proxy.keys_sqlite import SqliteKeyStore as KeyStore
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_readers_are_not_blocked_by_a_long_write_transaction(tmp_path):
         writer.close()
 
 
-# The schema as it was before per-key tenancy controls (proxy/keys.py before issue 9), verbatim:
+# The schema as it was before per-key tenancy controls (proxy/keys/store.py before issue 9), verbatim:
 # a file made by that code must open, upgrade in place and keep its keys and usage.
 V1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (

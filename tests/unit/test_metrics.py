@@ -1,7 +1,7 @@
 """The quota gauges, from key reports as the key store gives them."""
 
-from proxy.keys import Key, KeyReport, Usage
-from proxy.metrics import QuotaFamilies
+from proxy.keys.store import Key, KeyReport, Usage
+from proxy.observe.metrics import QuotaFamilies
 
 
 def test_quota_gauges_leave_out_keys_without_a_quota_and_keys_that_cannot_be_used():

@@ -1,11 +1,11 @@
-"""proxy/models.py: the public model list, one model's object, and the per-key filter."""
+"""proxy/protocol/models.py: the public model list, one model's object, and the per-key filter."""
 
 import json
 
 import pytest
 
-from proxy.errors import ProxyError
-from proxy.models import engine_route, models_answer, one_model, public_models
+from proxy.protocol.errors import ProxyError
+from proxy.protocol.models import engine_route, models_answer, one_model, public_models
 
 # vLLM 0.32's /v1/models, as served for the tiny model.
 ENGINE_LIST = {

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.body import parse_request, usage_requested
-from proxy.errors import ProxyError
-from proxy.forward import Forwarder, StreamOutcome
-from proxy.limits import RateLimiter, reset_text
+from proxy.protocol.body import parse_request, usage_requested
+from proxy.protocol.errors import ProxyError
+from proxy.protocol.usage import TokenUsage, from_json_body, take_usage
+from proxy.relay.forward import Forwarder, StreamOutcome
 from proxy.settings import ProxySettings
-from proxy.timeouts import Deadlines, deadlines_for
-from proxy.usage import TokenUsage, from_json_body, take_usage
+from proxy.tenancy.deadlines import Deadlines, deadlines_for
+from proxy.tenancy.limits import RateLimiter, reset_text
 
 SETTINGS = ProxySettings(timeout_base_s=10, timeout_per_token_s=0.5, timeout_max_s=100,
                          stream_first_token_timeout_s=7, stream_idle_timeout_s=3,

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from proxy.keys import Key
-from proxy.quota import QuotaBook, QuotaExceeded, completion_bound, reservation_for
+from proxy.keys.store import Key
+from proxy.tenancy.quota import QuotaBook, QuotaExceeded, completion_bound, reservation_for
 
 NOW = 1_795_000_000.0  # 2026-11-18
 

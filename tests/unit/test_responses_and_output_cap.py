@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from proxy.body import USAGE_ON_REQUEST, output_cap, parse_request, with_output_cap
-from proxy.errors import ProxyError
+from proxy.protocol.body import USAGE_ON_REQUEST, output_cap, parse_request, with_output_cap
+from proxy.protocol.errors import ProxyError
+from proxy.protocol.usage import from_json_body, take_usage
 from proxy.settings import ProxySettings
-from proxy.timeouts import deadlines_for
-from proxy.usage import from_json_body, take_usage
+from proxy.tenancy.deadlines import deadlines_for
 
 RESPONSES = "/v1/responses"
 CHAT = "/v1/chat/completions"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.transport import KEEPALIVE_EXPIRY_S
+from proxy.relay.transport import KEEPALIVE_EXPIRY_S
 from server.argv import API_SERVER_MODULE, cpu_thread_binding, engine_argv, engine_env
 from server.gpus import Gpu
 from server.model import ModelInfo

@@ -9,8 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import ProxyError, unauthorized
-from .keys import Key, KeyReport, KeyStore, StoreUnavailable
+from ..protocol.errors import ProxyError, unauthorized
+from .store import Key, KeyReport, KeyStore, StoreUnavailable
 
 CACHE_LIMIT = 10_000
 

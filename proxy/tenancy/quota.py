@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .keys import Key, period_end, period_label
+from ..keys.store import Key, period_end, period_label
 
 # What the engine generates when the client names no limit, per route (vLLM's and OpenAI's
 # default for completions); chat and Responses run to the end of the context.

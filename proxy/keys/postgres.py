@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .keys import (
+from .store import (
     KEY_COLUMNS,
     PERIODS,
     Key,

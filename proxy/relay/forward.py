@@ -17,11 +17,11 @@ from urllib.parse import quote
 
 import httpx
 
-from .engine_errors import STREAM_ERROR, stream_errors
-from .errors import ProxyError, engine_unavailable
+from ..protocol.engine_errors import STREAM_ERROR, stream_errors
+from ..protocol.errors import ProxyError, engine_unavailable
+from ..protocol.usage import TokenUsage, cut_usage, usage_of
 from .exchange import Exchange
 from .transport import EngineAnswer, EngineTransport
-from .usage import TokenUsage, cut_usage, usage_of
 
 HOP_BY_HOP = frozenset(
     {

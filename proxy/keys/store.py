@@ -1,7 +1,7 @@
 """The key store: API keys, their limits and their usage. What a key is, and one interface.
 
-Two backends implement ``KeyStore``, each the only SQL of its kind: ``keys_sqlite`` (one file,
-the single-box default) and ``keys_postgres`` (several appliances behind one load balancer
+Two backends implement ``KeyStore``, each the only SQL of its kind: ``sqlite`` (one file,
+the single-box default) and ``postgres`` (several appliances behind one load balancer
 share it). ``open_store`` picks one from ``APPLIANCE_KEYS_URL`` or the file path.
 
 Only a SHA-256 hash of each secret is stored: secrets are 256 random bits, so a fast hash is
@@ -274,10 +274,10 @@ def open_store(location: str | Path, create: bool = True, pool_size: int = 4,
     made either way). ``timeout_s`` bounds a wait for a lock or a connection.
     """
     if is_postgres(location):
-        from .keys_postgres import PostgresKeyStore
+        from .postgres import PostgresKeyStore
 
         return PostgresKeyStore(str(location), pool_size=pool_size, timeout_s=timeout_s)
-    from .keys_sqlite import SqliteKeyStore
+    from .sqlite import SqliteKeyStore
 
     path = str(location).removeprefix("sqlite://")
     return SqliteKeyStore(Path(path), busy_timeout_s=timeout_s, create=create)

@@ -1,5 +1,5 @@
 -- Admit one request against a key's requests- and tokens-per-minute buckets, atomically.
--- The same token bucket as proxy/limits.py: up to `limit` units, refilled at `limit` per
+-- The same token bucket as proxy/tenancy/limits.py: up to `limit` units, refilled at `limit` per
 -- window, continuously. Time is Redis's own clock, so gateways' clocks need not agree.
 -- KEYS: requests bucket, tokens bucket.  ARGV: rpm, tpm (0: no limit), window seconds.
 -- Returns {allowed (1/0), reason, requests level, tokens level} (levels as text, '' if none).

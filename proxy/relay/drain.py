@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from .errors import ProxyError, engine_unavailable
+from ..protocol.errors import ProxyError, engine_unavailable
 
 log = logging.getLogger("appliance.proxy")
 RETRY_AFTER_S = 30

@@ -28,9 +28,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .keys import Key, period_end, period_label
+from ..keys.store import Key, period_end, period_label
+from ..observe.metrics import Metrics
 from .limits import WINDOW_S, Bucket, Decision, RateLimiter, headers_for
-from .metrics import Metrics
 from .quota import LimitsUnavailable, QuotaExceeded, Reservation
 
 log = logging.getLogger("appliance.proxy")
@@ -41,7 +41,7 @@ PREFIX = "appliance:"
 
 
 def script(name: str) -> str:
-    return resources.files("proxy").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("proxy.tenancy").joinpath("lua", f"{name}.lua").read_text()
 
 
 def connect(url: str, pool_size: int, timeout_s: float) -> aioredis.Redis:

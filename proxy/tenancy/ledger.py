@@ -10,8 +10,8 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 
-from .keys import KeyStore, StoreUnavailable
-from .metrics import Metrics
+from ..keys.store import KeyStore, StoreUnavailable
+from ..observe.metrics import Metrics
 
 log = logging.getLogger("appliance.proxy")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .keys import (
+from .store import (
     KEY_COLUMNS,
     PERIODS,
     Key,

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .accesslog import RequestRecord
-from .admission import Tenant
-from .timeouts import Deadlines
+from ..observe.accesslog import RequestRecord
+from ..tenancy.admission import Tenant
+from ..tenancy.deadlines import Deadlines
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]

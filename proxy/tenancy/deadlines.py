@@ -2,7 +2,7 @@
 
 from typing import NamedTuple
 
-from .settings import ProxySettings
+from ..settings import ProxySettings
 
 
 class Deadlines(NamedTuple):
