@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .gateway import GENERATION_ROUTES, Gateway, forwarded
 from .keys.auth import Authenticator
-from .keys.store import StoreUnavailable, is_postgres, open_store
+from .keys.backends import is_postgres, open_store
+from .keys.store import StoreUnavailable
 from .observe import accesslog
 from .observe.accesslog import RequestRecord
 from .observe.metrics import Metrics, QuotaFamilies
@@ -30,7 +31,7 @@ from .protocol.errors import ProxyError
 from .relay.drain import RELAYED, Drain, tell_siblings
 from .relay.forward import Forwarder
 from .settings import ProxySettings
-from .tenancy.admission import FairQueue
+from .tenancy.admission import FairQueue, Observer
 from .tenancy.ledger import Ledger
 from .tenancy.limits import RateLimiter
 from .tenancy.quota import QuotaBook
@@ -149,6 +150,13 @@ def prepare_store(settings: ProxySettings) -> None:
         log.error("key store unreachable at start; keys get 503 until it answers: %s", exc)
 
 
+def admission_observer(metrics: Metrics) -> Observer:
+    """The fair queue's callbacks into the metrics (admission itself knows no Prometheus)."""
+    return Observer(depth=lambda key, n: metrics.queue_depth.labels(key).set(n),
+                    waited=lambda key, s: metrics.queue_wait.labels(key).observe(s),
+                    in_use=metrics.engine_slots_in_use.set)
+
+
 def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
     """This gateway's own limiter and quota book, or the fleet's in Redis (and its link)."""
     if not settings.limits_url:
@@ -171,7 +179,7 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(store, settings.usage_flush_interval_s, metrics)
     queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
-                      metrics.admission_observer())
+                      admission_observer(metrics))
     metrics.engine_slots.set(settings.engine_concurrency)
     limiter, quota, shared = limits_for(settings, auth, metrics)
     gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, queue, quota)

@@ -11,6 +11,7 @@ import math
 import sys
 import time
 
+from .keys.backends import open_store
 from .keys.store import (
     PERIODS,
     SETTINGS,
@@ -20,7 +21,6 @@ from .keys.store import (
     KeyStore,
     StoreUnavailable,
     UnknownKey,
-    open_store,
     period_end,
 )
 from .settings import load_settings

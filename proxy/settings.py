@@ -12,8 +12,6 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .workers import available_cpus, default_worker_count
-
 ENV_FILE = Path("/etc/appliance/appliance.env")
 
 
@@ -21,6 +19,23 @@ def readable_env_file() -> Path | None:
     """The env file when this user may read it; root-only files are loaded by systemd instead."""
     path = Path(os.environ.get("APPLIANCE_ENV_FILE") or ENV_FILE)
     return path if os.access(path, os.R_OK) else None
+
+
+MAX_DEFAULT_WORKERS = 8
+"""Eight workers relay several hundred thousand SSE events a second: past an 8-GPU box's."""
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (a cgroup or taskset may give it fewer than the box)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_worker_count(cpus: int) -> int:
+    """Half the cores (vLLM's own processes, NGINX and the tokenizers need the rest), 1 to 8."""
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // 2))
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]

@@ -13,32 +13,10 @@ so together they never let more into vLLM than its batch holds.
 The price of that choice: one key alone can use at most its worker's share of the engine's
 slots (``engine_concurrency / workers``), where one process would give it all of them when no
 other key competes. That is why the default count stays small (half the cores, at most
-``MAX_DEFAULT_WORKERS``) and why a single busy tenant is better served by fewer workers.
+``settings.MAX_DEFAULT_WORKERS``) and why a single busy tenant is better served by fewer workers.
 """
 
-from __future__ import annotations
-
-import os
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .settings import ProxySettings
-
-MAX_DEFAULT_WORKERS = 8
-"""Eight workers relay several hundred thousand SSE events a second: past an 8-GPU box's."""
-
-
-def available_cpus() -> int:
-    """The cores this process may run on (a cgroup or taskset may give it fewer than the box)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def default_worker_count(cpus: int) -> int:
-    """Half the cores (vLLM's own processes, NGINX and the tokenizers need the rest), 1 to 8."""
-    return max(1, min(MAX_DEFAULT_WORKERS, cpus // 2))
+from .settings import ProxySettings
 
 
 def share(total: int, workers: int, index: int) -> int:

@@ -64,7 +64,6 @@ def take_out(features: tuple[str, ...]) -> None:
             for name in list(vars(self)):
                 if name != "registry":
                     setattr(self, name, Nothing())
-            self.admission_observer = metrics_module.Observer
 
         metrics_module.Metrics.__init__ = init
     if "watch" in features:

@@ -2,7 +2,7 @@
 
 Two backends implement ``KeyStore``, each the only SQL of its kind: ``sqlite`` (one file,
 the single-box default) and ``postgres`` (several appliances behind one load balancer
-share it). ``open_store`` picks one from ``APPLIANCE_KEYS_URL`` or the file path.
+share it). ``backends.open_store`` picks one from ``APPLIANCE_KEYS_URL`` or the file path.
 
 Only a SHA-256 hash of each secret is stored: secrets are 256 random bits, so a fast hash is
 as safe as a slow one and keeps lookups cheap. Both schemas grow by numbered steps that only
@@ -17,7 +17,6 @@ import re
 import secrets
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 SECRET_PREFIX = "sk-app-"
@@ -260,24 +259,3 @@ class KeyStore(Protocol):
     def report(self, name: str, now: float | None = None) -> KeyReport: ...
 
     def reports(self, name: str | None = None, now: float | None = None) -> list[KeyReport]: ...
-
-
-def is_postgres(location: str | Path) -> bool:
-    return str(location).startswith(("postgresql://", "postgres://"))
-
-
-def open_store(location: str | Path, create: bool = True, pool_size: int = 4,
-               timeout_s: float = 5.0) -> KeyStore:
-    """The store at ``location``: a ``postgresql://`` URL, else a SQLite file path.
-
-    ``create`` makes a missing SQLite file (PostgreSQL's database must exist; its tables are
-    made either way). ``timeout_s`` bounds a wait for a lock or a connection.
-    """
-    if is_postgres(location):
-        from .postgres import PostgresKeyStore
-
-        return PostgresKeyStore(str(location), pool_size=pool_size, timeout_s=timeout_s)
-    from .sqlite import SqliteKeyStore
-
-    path = str(location).removeprefix("sqlite://")
-    return SqliteKeyStore(Path(path), busy_timeout_s=timeout_s, create=create)

@@ -16,7 +16,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..keys.store import KeyReport
-from ..tenancy.admission import Observer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -109,11 +108,6 @@ class Metrics:
                                    " its own (none set, or the store unreachable).", registry=r)
         self.limits_store_errors = Counter("appliance_limits_store_errors_total",
                                            "Calls to the limits store that failed.", registry=r)
-
-    def admission_observer(self) -> Observer:
-        return Observer(depth=lambda key, n: self.queue_depth.labels(key).set(n),
-                        waited=lambda key, s: self.queue_wait.labels(key).observe(s),
-                        in_use=self.engine_slots_in_use.set)
 
     def render(self) -> bytes:
         directory = os.environ.get(MULTIPROC_ENV)

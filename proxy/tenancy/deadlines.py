@@ -1,8 +1,18 @@
 """How long a request may take, from what it asks for. Pure: no I/O, no clock."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from ..settings import ProxySettings
+
+class DeadlineSettings(Protocol):
+    """The settings deadlines are made of (``ProxySettings`` has them; policy does not import
+    the process's settings, which stand above it)."""
+
+    short_timeout_s: float
+    stream_first_token_timeout_s: float
+    stream_idle_timeout_s: float
+    timeout_base_s: float
+    timeout_per_token_s: float
+    timeout_max_s: float
 
 
 class Deadlines(NamedTuple):
@@ -23,7 +33,7 @@ def requested_tokens(body: dict) -> int | None:
     return None
 
 
-def deadlines_for(body: dict | None, generates: bool, settings: ProxySettings) -> Deadlines:
+def deadlines_for(body: dict | None, generates: bool, settings: DeadlineSettings) -> Deadlines:
     """A deadline that grows with the work asked: long generations live, stuck ones are cut.
 
     Streams get no total: a healthy stream may run as long as it keeps producing.

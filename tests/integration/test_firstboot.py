@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from proxy.workers import available_cpus, default_worker_count
+from proxy.settings import available_cpus, default_worker_count
 from tests.firstboot_imds import TOKEN, fake_imds
 from tests.servers import ROOT, VENV_BIN, free_port
 

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from proxy.keys.auth import Authenticator, bearer_secret
+from proxy.keys.backends import open_store
 from proxy.keys.sqlite import SqliteKeyStore as KeyStore
-from proxy.keys.store import open_store
 from proxy.protocol.errors import ProxyError
 
 

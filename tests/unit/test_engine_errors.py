@@ -1,4 +1,4 @@
-"""proxy/protocol/engine_errors.py: vLLM's error answers, as captured from vLLM 0.32, in OpenAI's shape."""
+"""proxy/protocol/engine_errors.py: vLLM's error answers (captured from vLLM 0.32), as OpenAI's."""
 
 import json
 

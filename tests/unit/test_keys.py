@@ -101,7 +101,7 @@ def test_readers_are_not_blocked_by_a_long_write_transaction(tmp_path):
         writer.close()
 
 
-# The schema as it was before per-key tenancy controls (proxy/keys/store.py before issue 9), verbatim:
+# The schema before per-key tenancy controls (proxy/keys/store.py before issue 9), verbatim:
 # a file made by that code must open, upgrade in place and keep its keys and usage.
 V1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (

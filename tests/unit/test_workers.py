@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from proxy.settings import ProxySettings
-from proxy.workers import default_worker_count, ports, share, worker_settings
+from proxy.settings import ProxySettings, default_worker_count
+from proxy.workers import ports, share, worker_settings
 
 
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (4, 2), (16, 8), (192, 8)])
