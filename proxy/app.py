@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from .gateway import GENERATION_ROUTES, Gateway, forwarded
+from .gateway import Gateway
 from .keys.auth import Authenticator
 from .keys.backends import is_postgres, open_store
 from .keys.store import StoreUnavailable
@@ -28,6 +28,8 @@ from .observe import accesslog
 from .observe.accesslog import RequestRecord
 from .observe.metrics import Metrics, QuotaFamilies
 from .protocol.errors import ProxyError
+from .protocol.routes import GENERATION_PATHS, ROUTES, api_of, is_gateway_path
+from .protocol.salt import CacheSalts
 from .relay.drain import RELAYED, Drain, tell_siblings
 from .relay.forward import Forwarder
 from .settings import ProxySettings
@@ -43,7 +45,7 @@ ID_COUNTER = itertools.count()
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPS_ROUTES = frozenset({"/health", "/ready", "/metrics", "/drain", "/docs", "/openapi.json"})
 log = logging.getLogger("appliance.proxy")
-KNOWN_ROUTES = OPS_ROUTES | GENERATION_ROUTES | {"/v1/models", "/tokenize", "/detokenize"}
+KNOWN_ROUTES = OPS_ROUTES | frozenset(ROUTES)
 
 
 def request_id_from(scope) -> str:
@@ -95,8 +97,8 @@ def with_id(send, record: RequestRecord):
     return send_with_id
 
 
-def error_response(err: ProxyError) -> JSONResponse:
-    return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
+def error_response(err: ProxyError, path: str = "") -> JSONResponse:
+    return JSONResponse(err.payload(api_of(path)), status_code=err.status, headers=err.headers)
 
 
 class Appliance:
@@ -118,17 +120,17 @@ class Appliance:
                                arrived=time.time())
         scope.setdefault("state", {})["record"] = record
         try:
-            if path in GENERATION_ROUTES and self.drain.active:
+            if path in GENERATION_PATHS and self.drain.active:
                 err = self.drain.refusal()
                 record.error = err.code
-                await error_response(err)(scope, receive, with_id(send, record))
-            elif forwarded(path):  # its answers carry the id themselves (``answer_start``)
+                await error_response(err, path)(scope, receive, with_id(send, record))
+            elif is_gateway_path(path):  # its answers carry the id themselves (``answer_start``)
                 await self.gateway(scope, receive, send)
             else:
                 await self.api(scope, receive, with_id(send, record))
         finally:
             duration = time.monotonic() - record.started
-            if path in GENERATION_ROUTES and 200 <= record.status < 300:
+            if path in GENERATION_PATHS and 200 <= record.status < 300:
                 self.metrics.last_generation.set_to_current_time()
             route = path if path in KNOWN_ROUTES else "other"
             self.metrics.requests.labels(route, str(record.status), record.key).inc()
@@ -182,7 +184,8 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
                       admission_observer(metrics))
     metrics.engine_slots.set(settings.engine_concurrency)
     limiter, quota, shared = limits_for(settings, auth, metrics)
-    gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, queue, quota)
+    salts = CacheSalts(settings.cache_salt_secret or settings.engine_api_key)
+    gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, queue, quota, salts)
     drain = Drain()
 
     @contextlib.asynccontextmanager

@@ -33,6 +33,7 @@ CLEARS = {
     "max_concurrent": ("--no-max-concurrent", "no per-key cap on requests at the engine"),
     "models": ("--all-models", "the key may use every model"),
     "quota_tokens": ("--no-quota", "no token quota"),
+    "cache_group": ("--own-cache", "the key's prefix cache is its own (no cache group)"),
 }
 CLEAR = object()
 
@@ -82,6 +83,8 @@ def add_settings(p: argparse.ArgumentParser, update: bool) -> None:
          {"type": positive_int, "metavar": "N"}),
         ("--quota-period", "the quota's UTC calendar period (default month)",
          {"choices": PERIODS}),
+        ("--cache-group", "share the engine's prefix cache with the other keys of this group "
+         "(default: the key's cache is its own)", {"metavar": "NAME"}),
     ]
     for flag, text, kwargs in options:
         setting = flag[2:].replace("-", "_")
@@ -159,6 +162,7 @@ def show(report: KeyReport, now: float) -> None:
         ("max concurrent", limit(key.max_concurrent)),
         ("weight", f"{key.weight:g}"),
         ("models", "every model" if key.models is None else ", ".join(sorted(key.models))),
+        ("cache group", key.cache_group or "- (its own cache)"),
         ("quota", "-" if key.quota_tokens is None
          else f"{key.quota_tokens} tokens per {key.quota_period}"),
         ("period", f"{report.period} (ends {when(period_end(key.quota_period, now))} UTC)"),

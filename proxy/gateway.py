@@ -1,4 +1,4 @@
-"""The OpenAI routes: authenticate, check, limit, then forward to the engine.
+"""The model's routes (OpenAI's and Anthropic's): authenticate, check, limit, then forward.
 
 A pure ASGI handler rather than a framework route: it must see ``http.disconnect`` the moment
 it arrives (to abort the engine's work) and it sits on every request's path, so nothing here
@@ -11,12 +11,11 @@ import math
 import time
 from urllib.parse import unquote
 
-from .keys.auth import Authenticator, store_error
+from .keys.auth import Authenticator, api_key, store_error
 from .keys.store import Key, StoreUnavailable
 from .observe.accesslog import RequestRecord
 from .observe.metrics import Metrics
 from .protocol.body import (
-    USAGE_ON_REQUEST,
     encode,
     lacks_output_cap,
     output_cap,
@@ -33,9 +32,17 @@ from .protocol.errors import (
     model_not_found,
 )
 from .protocol.models import engine_route, is_models_route, models_answer
+from .protocol.routes import Route, api_of, route_for
+from .protocol.salt import SALT_FIELD, CacheSalts, with_cache_salt
 from .protocol.usage import TokenUsage, from_json_body
 from .relay.exchange import Exchange, answer_start, send_answer
-from .relay.forward import Forwarder, StreamOutcome, client_headers, timeout_error, upstream_headers
+from .relay.forward import (
+    Forwarder,
+    StreamOutcome,
+    client_headers,
+    timeout_error,
+    upstream_headers,
+)
 from .settings import ProxySettings
 from .tenancy.admission import FairQueue, QueueFull, Slot, Tenant, Unqueued
 from .tenancy.deadlines import deadlines_for
@@ -50,16 +57,6 @@ from .tenancy.quota import (
     retry_after_text,
 )
 
-# Routes that run the model and so get deadlines sized to the work; the rest get a short one.
-GENERATION_ROUTES = frozenset(
-    {
-        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-        "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/rerank", "/v1/score",
-        "/pooling", "/classify", "/score", "/rerank",
-    }
-)
-# vLLM's routes outside /v1 that clients legitimately call.
-EXTRA_ROUTES = frozenset({"/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank"})
 log = logging.getLogger("appliance.proxy")
 # Uploads (audio) are multipart; every other POST body is JSON, whatever curl -d labels it.
 NOT_JSON = (b"multipart/", b"application/octet-stream")
@@ -68,17 +65,17 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-def forwarded(path: str) -> bool:
-    return path.startswith("/v1/") or path in EXTRA_ROUTES
-
-
-def allowed_methods(path: str) -> tuple[str, ...]:
-    """vLLM's API reads with GET and acts with POST; anything else is refused before auth."""
-    if path == "/v1/models" or path.startswith("/v1/models/"):
-        return ("GET",)
-    if path in GENERATION_ROUTES or path in EXTRA_ROUTES:
-        return ("POST",)
-    return ("GET", "POST")
+def route_of(path: str, method: str) -> Route:
+    """The route's specification, before anything else: an unknown route is refused, never
+    forwarded ungoverned, and a method it does not take is refused before auth."""
+    route = route_for(path)
+    if route is None:
+        raise ProxyError(404, f"Invalid URL ({method} {path}): the appliance serves no such "
+                         "route.", "not_found")
+    if method not in route.methods:
+        raise ProxyError(405, f"{method} is not allowed here.", "method_not_allowed",
+                         headers={"Allow": ", ".join(route.methods)})
+    return route
 
 
 def is_json(headers: dict[bytes, bytes]) -> bool:
@@ -89,6 +86,7 @@ def note_usage(record: RequestRecord, usage: TokenUsage | None) -> None:
     if usage is not None:
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
+        record.cached_tokens = usage.cached_tokens
 
 
 class ClientGone(Exception):
@@ -207,9 +205,11 @@ class CancelledOnDisconnect:
 
 
 class Gateway:
+    """The steps every request takes (``handle``); what differs per route is its ``Route``."""
+
     def __init__(self, settings: ProxySettings, auth: Authenticator, forwarder: Forwarder,
                  limiter: RateLimiter, ledger: Ledger, metrics: Metrics,
-                 queue: FairQueue, quota: QuotaBook) -> None:
+                 queue: FairQueue, quota: QuotaBook, salts: CacheSalts) -> None:
         self.settings = settings
         self.auth = auth
         self.forwarder = forwarder
@@ -218,6 +218,7 @@ class Gateway:
         self.metrics = metrics
         self.queue = queue
         self.quota = quota
+        self.salts = salts
         self.inflight = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -229,7 +230,8 @@ class Gateway:
             record.error = err.code
             headers = [(b"content-type", b"application/json"), *extra,
                        *as_header_list(err.headers)]
-            await send_answer(send, record, err.status, headers, err.body())
+            await send_answer(send, record, err.status, headers,
+                              err.body(api_of(scope["path"])))
         except ClientGone:
             record.status = 499
             record.error = "client_disconnected"
@@ -239,55 +241,47 @@ class Gateway:
             if record.status == 0:
                 err = ProxyError(500, "The gateway failed unexpectedly.", "internal_error")
                 await send_answer(send, record, 500, [(b"content-type", b"application/json")],
-                                  err.body())
+                                  err.body(api_of(scope["path"])))
 
     async def handle(self, scope, receive, send, record: RequestRecord, extra: list) -> None:
-        allowed = allowed_methods(scope["path"])
-        if scope["method"] not in allowed:
-            raise ProxyError(405, f"{scope['method']} is not allowed here.", "method_not_allowed",
-                             headers={"Allow": ", ".join(allowed)})
+        path, method = scope["path"], scope["method"]
+        route = route_of(path, method)
         headers = dict(scope["headers"])
-        key = await self.auth.authenticate(headers.get(b"authorization"))
+        key = await self.auth.authenticate(api_key(headers))
         record.key = key.name
         raw = await read_body(receive, self.settings.max_body_bytes,
                               headers.get(b"content-length"))
-        path, method = scope["path"], scope["method"]
-        body = parse_request(raw, path) if method == "POST" and is_json(headers) else None
+        body = parse_request(raw, route) if method == "POST" and is_json(headers) else None
         self.check_model(key, path, body)
-
-        now = time.monotonic()
-        decision = await self.limiter.admit(key.name, key.rpm, key.tpm, now)
-        extra.extend(decision.headers)
-        if not decision.allowed:
-            self.metrics.rate_limited.labels(key.name, decision.reason).inc()
-            self.metrics.refused.labels(key.name, decision.reason).inc()
-            retry = str(max(1, math.ceil(decision.retry_after_s)))
-            raise ProxyError(429, f"Rate limit reached for {decision.reason} per minute on key "
-                             f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
-                             headers={"Retry-After": retry})
+        await self.admit_rate(key, extra)
         await self.forwarder.ensure_ready()
-        if body is not None and self.settings.default_max_tokens:
-            capped = await self.with_default_cap(path, body)
+        tenant = Tenant(key.name, key.weight, key.max_concurrent)
+        sequences = self.check_sequences(route, tenant, body)
+        if body is not None and route.generates and self.settings.default_max_tokens:
+            capped = await self.with_default_cap(route, body)
             if capped is not None:
                 body, raw = capped, encode(capped)
-        reservation = await self.reserve_quota(key, path, body, len(raw))
+        reservation = await self.reserve_quota(key, route, body, len(raw), sequences)
+        if body is not None and route.salted:  # after the reservation: the salt is no prompt
+            salt = self.salts.salt_for(key.name, key.cache_group)
+            raw, body = with_cache_salt(body, raw, salt), {**body, SALT_FIELD: salt}
         if self.inflight >= self.settings.max_inflight:
             self.quota.settle(reservation, 0)
             self.metrics.refused.labels(key.name, "capacity").inc()
             raise engine_unavailable("The gateway is at capacity; retry shortly.")
 
-        tenant = Tenant(key.name, key.weight, key.max_concurrent)
         ex = Exchange(tenant, method, engine_route(path), scope.get("query_string", b""),
                       upstream_headers(scope["headers"], record.request_id,
                                        self.forwarder.engine_key, json_body=body is not None),
-                      raw, deadlines_for(body, path in GENERATION_ROUTES, self.settings),
-                      record, receive, send, answer_headers=extra, allowed_models=key.models)
+                      raw, deadlines_for(body, route.generates, self.settings),
+                      record, receive, send, answer_headers=extra, allowed_models=key.models,
+                      route=route, sequences=sequences)
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
             if body is not None and body.get("stream") is True:
                 record.stream = True
-                if path in USAGE_ON_REQUEST:
+                if route.usage_on_request:
                     content, ex.strip_final_usage, ex.strip_chunk_usage = usage_requested(body)
                     ex.content = content or raw
                 await self.stream(ex)
@@ -321,13 +315,41 @@ class Gateway:
             self.metrics.refused.labels(key.name, "model").inc()
             raise model_not_found(model)
 
-    async def reserve_quota(self, key: Key, path: str, body: dict | None,
-                            size: int) -> Reservation | None:
+    async def admit_rate(self, key: Key, extra: list) -> None:
+        """The key's requests and tokens per minute; its ``x-ratelimit-*`` headers either way."""
+        decision = await self.limiter.admit(key.name, key.rpm, key.tpm, time.monotonic())
+        extra.extend(decision.headers)
+        if not decision.allowed:
+            self.metrics.rate_limited.labels(key.name, decision.reason).inc()
+            self.metrics.refused.labels(key.name, decision.reason).inc()
+            retry = str(max(1, math.ceil(decision.retry_after_s)))
+            raise ProxyError(429, f"Rate limit reached for {decision.reason} per minute on key "
+                             f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
+                             headers={"Retry-After": retry})
+
+    def check_sequences(self, route: Route, tenant: Tenant, body: dict | None) -> int:
+        """How many sequences the request runs at once (``n``, ``best_of``, a prompt list).
+        One that could never get that many engine slots is refused now, not queued for ever."""
+        if not route.generates or body is None:
+            return 1
+        sequences = route.sequences(body)
+        if sequences > 1 and not self.queue.fits(tenant, sequences):
+            self.metrics.refused.labels(tenant.name, "sequences").inc()
+            most = self.queue.capacity if tenant.max_concurrent is None \
+                else min(self.queue.capacity, tenant.max_concurrent)
+            raise invalid(f"This request asks for {sequences} sequences at once (n, best_of "
+                          f"and prompts together); key {tenant.name!r} may run at most {most} "
+                          "at once here. Split it into smaller requests.", None,
+                          "too_many_sequences")
+        return sequences
+
+    async def reserve_quota(self, key: Key, route: Route, body: dict | None, size: int,
+                            sequences: int) -> Reservation | None:
         """Hold an upper bound of the request's tokens against the key's quota while it runs."""
-        if key.quota_tokens is None or path not in GENERATION_ROUTES:
+        if key.quota_tokens is None or not route.generates:
             return None
         context = await self.forwarder.context_length((body or {}).get("model"))
-        tokens = reservation_for(path, body, size, context)
+        tokens = reservation_for(route, body, size, context, sequences)
         try:
             return await self.quota.reserve(key, tokens, time.time())
         except StoreUnavailable as exc:
@@ -418,12 +440,12 @@ class Gateway:
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def with_default_cap(self, path: str, body: dict) -> dict | None:
+    async def with_default_cap(self, route: Route, body: dict) -> dict | None:
         """The body with ``APPLIANCE_DEFAULT_MAX_TOKENS`` when it names no output cap."""
-        if not lacks_output_cap(body, path):
+        if not lacks_output_cap(body, route):
             return None
         context = await self.forwarder.context_length(body.get("model"))
-        return with_output_cap(body, path, output_cap(self.settings.default_max_tokens, context))
+        return with_output_cap(body, route, output_cap(self.settings.default_max_tokens, context))
 
     async def engine_failure(self, ex: Exchange, response) -> ProxyError:
         """The engine's error in OpenAI's shape; the engine's own words go to the log.
@@ -444,16 +466,17 @@ class Gateway:
                             ex.record.route)
 
     def engine_slot(self, ex: Exchange) -> Slot | Unqueued:
-        """Generation waits its key's fair turn for an engine slot; other routes go straight.
-        Either way the request's record notes when it reached the engine."""
-        if ex.path in GENERATION_ROUTES:
-            return self.queue.slot(ex.tenant, ex.record)
+        """Generation waits its key's fair turn for an engine slot a sequence; other routes go
+        straight. Either way the request's record notes when it reached the engine."""
+        if ex.route.generates:
+            return self.queue.slot(ex.tenant, ex.record, ex.sequences)
         return Unqueued(ex.record)
 
     async def end_stream(self, ex: Exchange, err: ProxyError) -> None:
         """Headers are gone already: the error travels as the stream's last event."""
         ex.record.error = err.code
-        await ex.send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
+        await ex.send({"type": "http.response.body", "body": err.sse_event(ex.route.api),
+                       "more_body": False})
 
     def account(self, record: RequestRecord) -> None:
         """Every request sent to the engine counts once, with the tokens it reported (if any)."""
@@ -463,3 +486,5 @@ class Gateway:
             self.limiter.spend_tokens(record.key, prompt + completion, time.monotonic())
             self.metrics.prompt_tokens.labels(record.key).inc(prompt)
             self.metrics.completion_tokens.labels(record.key).inc(completion)
+            if record.cached_tokens:
+                self.metrics.cached_prompt_tokens.labels(record.key).inc(record.cached_tokens)

@@ -48,6 +48,10 @@ class ProxySettings(BaseSettings):
     """Where vLLM's OpenAI server listens; loopback only."""
     engine_api_key: str = ""
     """The engine's internal key (vLLM ``--api-key``), sent in place of the client's key."""
+    cache_salt_secret: str = ""
+    """Secret the per-key prefix-cache salts (``cache_salt``) are derived from. Empty: derived
+    from ``engine_api_key``; with neither, a random one per process (caches start cold after a
+    restart)."""
     keys_db: Path = Path("/var/lib/appliance/keys.db")
     """SQLite file holding API key hashes, limits and usage (when ``keys_url`` is empty)."""
     keys_url: str = ""

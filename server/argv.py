@@ -30,6 +30,8 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
         "--dtype", s.dtype,
         "--max-num-seqs", str(s.max_num_seqs),
         "--enable-prefix-caching" if s.enable_prefix_caching else "--no-enable-prefix-caching",
+        # Usage names the prompt tokens the prefix cache held: what per-key isolation costs.
+        "--enable-prompt-tokens-details",
         # vLLM drains in-flight requests this long on SIGTERM, then aborts them.
         "--shutdown-timeout", str(math.ceil(s.shutdown_grace_s)),
     ]

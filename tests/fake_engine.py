@@ -97,6 +97,10 @@ class FakeEngine:
             await self.generate(path, request, receive, send)
         elif path == "/v1/embeddings" and method == "POST":
             await respond(send, 200, embeddings_body(request))
+        elif path == "/v1/messages" and method == "POST":
+            await self.message(request, receive, send)
+        elif path == "/v1/messages/count_tokens" and method == "POST":
+            await respond(send, 200, {"input_tokens": count_prompt_tokens(request)})
         else:
             await respond(send, 404, error(f"no route {path}", 404))
 
@@ -163,6 +167,63 @@ class FakeEngine:
         finally:
             stats.in_progress -= 1
             watcher.cancel()
+
+
+    async def message(self, request: dict, receive, send) -> None:
+        """Anthropic's Messages as vLLM answers them: usage at the start and in the closing
+        ``message_delta``, none on the content deltas between."""
+        fake = request.get("fake") or {}
+        n = request.get("max_tokens") or 16
+        if not isinstance(n, int) or n > CONTEXT_TOKENS:
+            await respond(send, 400, {"type": "error", "error": {
+                "type": "invalid_request_error", "message": "max_tokens is out of range"}})
+            return
+        prompt_tokens = count_prompt_tokens(request)
+        usage = {"input_tokens": prompt_tokens, "output_tokens": n}
+        message = {"id": "msg-fake", "type": "message", "role": "assistant", "model": MODEL,
+                   "content": [{"type": "text", "text": " ".join(f"tok{i}" for i in range(n))}],
+                   "stop_reason": "max_tokens", "stop_sequence": None, "usage": usage}
+        if not request.get("stream"):
+            self.stats.completed += 1
+            self.stats.generated += n
+            await respond(send, 200, message)
+            return
+        stats, gone = self.stats, asyncio.Event()
+        stats.started += 1
+        stats.in_progress += 1
+        watcher = asyncio.ensure_future(set_on_disconnect(receive, gone))
+        start = {**message, "content": [], "stop_reason": None,
+                 "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+            head = event("message_start", {"type": "message_start", "message": start}) + event(
+                "content_block_start", {"type": "content_block_start", "index": 0,
+                                        "content_block": {"type": "text", "text": ""}})
+            await send({"type": "http.response.body", "body": head, "more_body": True})
+            for i in range(n):
+                pause = fake.get("first_delay", 0) if i == 0 else fake.get("interval", 0)
+                if (pause and await wait_or_gone(gone, pause)) or gone.is_set():
+                    stats.disconnects += 1
+                    return
+                delta = event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                      "delta": {"type": "text_delta",
+                                                                "text": f" tok{i}"}})
+                await send({"type": "http.response.body", "body": delta, "more_body": True})
+                stats.generated += 1
+            tail = (event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                    + event("message_delta", {"type": "message_delta", "usage": usage,
+                                              "delta": {"stop_reason": "max_tokens"}})
+                    + event("message_stop", {"type": "message_stop"}))
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            stats.completed += 1
+        finally:
+            stats.in_progress -= 1
+            watcher.cancel()
+
+
+def event(name: str, payload: dict) -> bytes:
+    return f"event: {name}\n".encode() + sse(payload)
 
 
 async def read_body(receive) -> bytes:

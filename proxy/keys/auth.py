@@ -1,4 +1,5 @@
-"""Bearer key -> the key's record, through a short-lived cache in front of the key store.
+"""A client's key (``Authorization: Bearer`` or ``x-api-key``) -> the key's record, through a
+short-lived cache in front of the key store.
 
 Fails closed: a store that cannot answer means 503, never a guessed yes. Entries live at most
 ``ttl`` seconds, so a revoked or expired key is refused within a second without a restart.
@@ -13,6 +14,16 @@ from ..protocol.errors import ProxyError, unauthorized
 from .store import Key, KeyReport, KeyStore, StoreUnavailable
 
 CACHE_LIMIT = 10_000
+
+
+def api_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key's header: ``Authorization: Bearer <key>`` (OpenAI's), else ``x-api-key: <key>``
+    (Anthropic's, as its SDK, curl examples and coding agents send it), read as a bearer."""
+    header = headers.get(b"authorization")
+    if header is None:
+        key = headers.get(b"x-api-key")
+        return None if key is None else b"Bearer " + key
+    return header
 
 
 def bearer_secret(header: bytes | None) -> str | None:
@@ -42,7 +53,8 @@ class Authenticator:
     async def authenticate(self, header: bytes | None) -> Key:
         secret = bearer_secret(header)
         if secret is None:
-            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>' or "
+                               "'x-api-key: <key>'.")
         cached = self.cache.get(secret)
         if cached is None or time.monotonic() - cached[1] > self.ttl:
             key = await self._refresh(secret)

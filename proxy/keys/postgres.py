@@ -20,6 +20,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .store import (
+    CACHE_GROUP_COLUMN,
     KEY_COLUMNS,
     PERIODS,
     Key,
@@ -74,7 +75,9 @@ V1_SCHEMA = (
         PRIMARY KEY (name, period)
     )""",
 )
-MIGRATIONS: tuple[tuple[str, ...], ...] = (V1_SCHEMA,)
+# Version 2: keys in one cache group share the engine's prefix cache.
+V2_CACHE_GROUP = (f"ALTER TABLE keys ADD COLUMN IF NOT EXISTS {CACHE_GROUP_COLUMN}",)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (V1_SCHEMA, V2_CACHE_GROUP)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .store import (
+    CACHE_GROUP_COLUMN,
     KEY_COLUMNS,
     PERIODS,
     Key,
@@ -88,7 +89,15 @@ def _add_tenancy(db: sqlite3.Connection) -> None:
     db.execute(V2_PERIOD_USAGE)
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _add_tenancy)
+def _add_cache_group(db: sqlite3.Connection) -> None:
+    """Version 3: keys in one cache group share the engine's prefix cache."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+    if "cache_group" not in present:
+        db.execute(f"ALTER TABLE keys ADD COLUMN {CACHE_GROUP_COLUMN}")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _add_tenancy,
+                                                                _add_cache_group)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -22,7 +22,7 @@ from typing import Protocol
 SECRET_PREFIX = "sk-app-"
 PERIODS = ("day", "month")
 SETTINGS = ("rpm", "tpm", "expires_days", "max_concurrent", "weight", "models", "quota_tokens",
-            "quota_period")
+            "quota_period", "cache_group")
 KEY_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,64}")
 
 
@@ -54,6 +54,8 @@ class Key:
     models: frozenset[str] | None = None
     quota_tokens: int | None = None
     quota_period: str = "month"
+    cache_group: str | None = None
+    """Keys of one group share the engine's prefix cache; None: this key's cache is its own."""
 
     def usable(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -173,6 +175,8 @@ def setting_columns(changes: Mapping[str, object], now: float) -> dict[str, obje
             columns["models"] = _models(value)
         elif option == "quota_period":
             columns["quota_period"] = _period(value)
+        elif option == "cache_group":
+            columns["cache_group"] = None if value is None else check_group_name(value)
         else:
             raise ValueError(f"unknown key setting {option!r}; known: {', '.join(SETTINGS)}")
     return columns
@@ -184,16 +188,26 @@ def check_key_name(name: str) -> str:
     return name
 
 
+def check_group_name(name: object) -> str:
+    if not isinstance(name, str) or not KEY_NAME.fullmatch(name):
+        raise ValueError(f"a cache group is 1 to 64 characters without spaces, not {name!r}")
+    return name
+
+
 KEY_FIELDS = ("name", "hint", "rpm", "tpm", "created_at", "expires_at", "revoked_at",
-              "max_concurrent", "weight", "models", "quota_tokens", "quota_period")
+              "max_concurrent", "weight", "models", "quota_tokens", "quota_period",
+              "cache_group")
 KEY_COLUMNS = ", ".join(KEY_FIELDS)
+CACHE_GROUP_COLUMN = "cache_group text"
+"""Added by each backend's schema step 3 (SQLite) / 2 (PostgreSQL): only adds a column."""
 
 
 def key_from_row(row: Iterable) -> Key:
     """A ``KEY_FIELDS`` row, as either backend returns it, -> Key."""
-    *head, models, quota_tokens, quota_period = row
+    *head, models, quota_tokens, quota_period, cache_group = row
     allowed = None if models is None else frozenset(json.loads(models))
-    return Key(*head, models=allowed, quota_tokens=quota_tokens, quota_period=quota_period)
+    return Key(*head, models=allowed, quota_tokens=quota_tokens, quota_period=quota_period,
+               cache_group=cache_group)
 
 
 def report_from_row(row: tuple, day: str, month: str) -> KeyReport:

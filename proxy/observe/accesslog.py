@@ -27,6 +27,8 @@ class RequestRecord:
     stream: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of the prompt tokens, those the engine's prefix cache held (0: none, or not reported)."""
     error: str = ""
     arrived: float = 0.0
     """When it came, on the wall clock (``started`` is monotonic, for its duration) ..."""
@@ -96,6 +98,8 @@ def write(record: RequestRecord, duration_s: float) -> None:
         line += f', "queued_ms": {(record.queued - record.arrived) * 1000:.3f}'
     if record.admitted is not None:
         line += f', "admitted_ms": {(record.admitted - record.arrived) * 1000:.3f}'
+    if record.cached_tokens:
+        line += f', "cached_tokens": {record.cached_tokens:d}'
     if record.error:
         line += f', "error": {dumps(record.error)}'
     LINES.add(line + WORKER_FIELD + "}")

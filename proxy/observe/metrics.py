@@ -63,6 +63,10 @@ class Metrics:
                                      "Prompt tokens the engine reported.", ["key"])
         self.completion_tokens = counter("appliance_completion_tokens_total",
                                          "Completion tokens the engine reported.", ["key"])
+        self.cached_prompt_tokens = counter(
+            "appliance_prompt_cached_tokens_total",
+            "Prompt tokens the engine's prefix cache already held (its cache is per key or"
+            " cache group).", ["key"])
         self.inflight = gauge("appliance_requests_in_flight",
                               "Requests forwarded to the engine and not yet finished.")
         self.upstream_errors = counter("appliance_upstream_errors_total",

@@ -8,17 +8,10 @@ upstream stay the client's own unless the gateway must change them (``usage_requ
 import json
 
 from .errors import invalid
+from .routes import RESPONSES, Route
 
-RESPONSES = "/v1/responses"
 TYPE, VALUE = "invalid_type", "invalid_value"
-# Where each generating route takes its output cap, the newer name first.
-OUTPUT_CAP_FIELDS = {
-    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
-    "/v1/completions": ("max_tokens",),
-    RESPONSES: ("max_output_tokens",),
-}
-# Routes whose streams report usage only when asked (``stream_options.include_usage``).
-USAGE_ON_REQUEST = frozenset({"/v1/chat/completions", "/v1/completions"})
+SEQUENCE_FIELDS = ("n", "best_of")
 
 
 def _is_int(value: object) -> bool:
@@ -41,7 +34,7 @@ def _valid_input_items(value: object) -> bool:
         isinstance(value, list) and all(isinstance(x, dict | str) for x in value))
 
 
-def parse_request(raw: bytes, route: str = "") -> dict:
+def parse_request(raw: bytes, route: Route | None = None) -> dict:
     """Parse a JSON request body and check the fields the gateway relies on."""
     try:
         body = json.loads(raw)
@@ -52,6 +45,12 @@ def parse_request(raw: bytes, route: str = "") -> dict:
     if "model" in body and not isinstance(body["model"], str):
         raise invalid("'model' must be a string.", "model", TYPE)
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if value is not None and not _is_int(value):
+            raise invalid(f"'{name}' must be a positive integer.", name, TYPE)
+        if value is not None and value < 1:
+            raise invalid(f"'{name}' must be a positive integer.", name, VALUE)
+    for name in SEQUENCE_FIELDS:
         value = body.get(name)
         if value is not None and not _is_int(value):
             raise invalid(f"'{name}' must be a positive integer.", name, TYPE)
@@ -69,7 +68,7 @@ def parse_request(raw: bytes, route: str = "") -> dict:
     if "prompt" in body and not _valid_prompt(body["prompt"]):
         raise invalid("'prompt' must be a string, a list of strings, or token ids.", "prompt",
                       TYPE)
-    if route == RESPONSES and "input" in body and not _valid_input_items(body["input"]):
+    if route is RESPONSES and "input" in body and not _valid_input_items(body["input"]):
         raise invalid("'input' must be a string or a list of input items.", "input", TYPE)
     return body
 
@@ -89,19 +88,19 @@ def usage_requested(body: dict) -> tuple[bytes | None, bool, bool]:
     return content, not wants_final, True
 
 
-def lacks_output_cap(body: dict, route: str) -> bool:
+def lacks_output_cap(body: dict, route: Route) -> bool:
     """A generation request that names no output cap: it may run to the end of the context,
     so neither its deadline nor its cost is bounded."""
-    fields = OUTPUT_CAP_FIELDS.get(route)
+    fields = route.cap_fields
     return bool(fields) and all(body.get(name) is None for name in fields)
 
 
-def with_output_cap(body: dict, route: str, cap: int) -> dict | None:
+def with_output_cap(body: dict, route: Route, cap: int) -> dict | None:
     """The body with an output cap of ``cap`` tokens when the client set none, else None:
     the client's own value always wins."""
     if not lacks_output_cap(body, route):
         return None
-    return {**body, OUTPUT_CAP_FIELDS[route][-1]: cap}
+    return {**body, route.cap_fields[-1]: cap}
 
 
 def output_cap(default: int, context: int | None) -> int:

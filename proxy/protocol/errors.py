@@ -1,9 +1,11 @@
-"""Errors the gateway itself produces, always in OpenAI's shape.
+"""Errors the gateway itself produces, in the shape of the API the client speaks.
 
-    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+    OpenAI:    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+    Anthropic: {"type": "error", "error": {"type": ..., "message": ...}}
 
-``type`` is always one of OpenAI's own: the SDKs and agent frameworks branch on it. Errors the
-engine produces are put in the same shape by ``engine_errors``.
+``type`` is always one of that API's own: the SDKs map it (and the status) to their exception
+classes, and agent frameworks branch on it. Errors the engine produces are put in the same
+shape by ``engine_errors``; which shape a route takes is the route table's ``api``.
 """
 
 import json
@@ -17,6 +19,17 @@ ERROR_TYPES = {
     404: "not_found_error",
     429: "rate_limit_error",
 }
+# Anthropic's ``type`` for each status; any other 4xx is an invalid request, any 5xx an
+# ``api_error``. 503 (the engine is away) is Anthropic's "overloaded": retry shortly.
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 # Challenge sent with every 401 (RFC 6750): the scheme the API expects.
 BEARER_CHALLENGE = 'Bearer realm="inference-appliance"'
 
@@ -26,6 +39,13 @@ def error_type(status: int) -> str:
     if status >= 500:
         return "server_error"
     return ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's error ``type`` for an HTTP status."""
+    if status in ANTHROPIC_TYPES:
+        return ANTHROPIC_TYPES[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
 
 
 def error_payload(message: str, kind: str, param: str | None, code: str | None) -> dict:
@@ -45,16 +65,21 @@ class ProxyError(Exception):
     """OpenAI's ``type`` where it is not the status's usual one (``model_not_found`` is a 404
     ``invalid_request_error``)."""
 
-    def payload(self) -> dict:
+    def payload(self, api: str = "openai") -> dict:
+        if api == "anthropic":
+            return {"type": "error",
+                    "error": {"type": anthropic_type(self.status), "message": self.message}}
         return error_payload(self.message, self.kind or error_type(self.status), self.param,
                              self.code)
 
-    def body(self) -> bytes:
-        return json.dumps(self.payload()).encode()
+    def body(self, api: str = "openai") -> bytes:
+        return json.dumps(self.payload(api)).encode()
 
-    def sse_event(self) -> bytes:
-        """The same error as the final event of a stream whose headers are already sent."""
-        return b"event: error\ndata: " + self.body() + b"\n\ndata: [DONE]\n\n"
+    def sse_event(self, api: str = "openai") -> bytes:
+        """The same error as the final event of a stream whose headers are already sent
+        (Anthropic's streams end with the error event; OpenAI's with ``[DONE]`` after it)."""
+        event = b"event: error\ndata: " + self.body(api) + b"\n\n"
+        return event if api == "anthropic" else event + b"data: [DONE]\n\n"
 
 
 def invalid(message: str, param: str | None = None, code: str = "invalid_request") -> ProxyError:

@@ -18,11 +18,19 @@ USAGE_OBJECT = re.compile(rb'"usage":\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 PROMPT_TOKENS = re.compile(rb'"(?:prompt|input)_tokens":\s*(\d+)')
 COMPLETION_TOKENS = re.compile(rb'"(?:completion|output)_tokens":\s*(\d+)')
 NO_CHOICES = re.compile(rb'"choices":\s*\[\s*\]')
+# Prompt tokens served from the prefix cache: OpenAI's ``prompt_tokens_details`` (vLLM with
+# --enable-prompt-tokens-details), Anthropic's ``cache_read_input_tokens``. Anthropic counts
+# cached and cache-written tokens apart from ``input_tokens``; the prompt is all three.
+CACHED_TOKENS = re.compile(rb'"(?:cached_tokens|cache_read_input_tokens)":\s*(\d+)')
+CACHE_WRITTEN = re.compile(rb'"cache_creation_input_tokens":\s*(\d+)')
+ANTHROPIC_CACHE = b'"cache_'
 
 
 class TokenUsage(NamedTuple):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of the prompt tokens, those the engine's prefix cache already held."""
 
     @property
     def total(self) -> int:
@@ -47,11 +55,19 @@ def from_json_body(content: bytes) -> TokenUsage | None:
 
 
 def usage_of(usage: bytes) -> TokenUsage:
-    """The counts in one usage object's bytes (absent counts are 0)."""
+    """The counts in one usage object's bytes (absent counts are 0), OpenAI's or Anthropic's."""
     prompt = PROMPT_TOKENS.search(usage)
     completion = COMPLETION_TOKENS.search(usage)
-    return TokenUsage(int(prompt.group(1)) if prompt else 0,
-                      int(completion.group(1)) if completion else 0)
+    prompt_tokens = int(prompt.group(1)) if prompt else 0
+    completion_tokens = int(completion.group(1)) if completion else 0
+    if b"cache" not in usage:
+        return TokenUsage(prompt_tokens, completion_tokens)
+    cached = CACHED_TOKENS.search(usage)
+    cached_tokens = int(cached.group(1)) if cached else 0
+    if ANTHROPIC_CACHE in usage:
+        written = CACHE_WRITTEN.search(usage)
+        prompt_tokens += cached_tokens + (int(written.group(1)) if written else 0)
+    return TokenUsage(prompt_tokens, completion_tokens, cached_tokens)
 
 
 def take_usage(event: bytes, strip_running: bool) -> tuple[bytes, TokenUsage | None, bool]:

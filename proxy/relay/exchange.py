@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..observe.accesslog import RequestRecord
+from ..protocol.routes import CHAT, Route
 from ..tenancy.admission import Tenant
 from ..tenancy.deadlines import Deadlines
 
@@ -58,6 +59,10 @@ class Exchange:
     """The gateway asked a stream for usage on the client's behalf: drop the usage-only chunk."""
     strip_chunk_usage: bool = False
     """... and for the running count on every chunk: cut it out of each before relaying."""
+    route: Route = CHAT
+    """What the route is (``protocol.routes``): its error shape, how its stream reports usage."""
+    sequences: int = 1
+    """Engine slots it holds: one a sequence it asks for."""
 
     async def answer(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole answer at once, with the exchange's own headers added."""

@@ -36,6 +36,11 @@ log = logging.getLogger("appliance.proxy")
 PARTIAL_EVENT_LIMIT = 1 << 20
 FINISHED = re.compile(rb'"finish_reason":\s*"')
 FINGERPRINT = re.compile(rb',\s*"system_fingerprint":\s*"[^"]*"')
+# Anthropic's streams report usage at their start (the prompt) and in their last
+# ``message_delta`` (everything), not on every event: a stream cut short is billed one token for
+# each content delta relayed (vLLM sends one per engine step, each at least one token).
+CONTENT_DELTA = b"event: content_block_delta"
+MESSAGE_DELTA = b"event: message_delta"
 # Reads are bounded by the request's own deadlines, which the gateway arms around each call.
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_READ_TIMEOUT_S = 2.0
@@ -132,10 +137,18 @@ class StreamOutcome:
     error: ProxyError | None = None
     held: list[bytes] = field(default_factory=list)
     """Terminal chunks waiting for the usage chunk's fingerprint (see ``_take_usage``)."""
+    deltas: int = 0
+    """Anthropic's content deltas relayed (``CONTENT_DELTA``) ..."""
+    final_usage: bool = False
+    """... and whether its closing usage came (``MESSAGE_DELTA``)."""
 
     @property
     def usage(self) -> TokenUsage | None:
-        return None if self.usage_object is None else usage_of(self.usage_object)
+        usage = None if self.usage_object is None else usage_of(self.usage_object)
+        if self.deltas and not self.final_usage:
+            usage = usage or TokenUsage()
+            return usage._replace(completion_tokens=max(usage.completion_tokens, self.deltas))
+        return usage
 
 
 class Forwarder:
@@ -256,6 +269,7 @@ class Forwarder:
         partial = b""
         next_chunk = response.stream.next_chunk
         send = ex.send
+        anthropic = ex.route.stream_usage == "anthropic"
         try:
             while True:
                 try:
@@ -280,6 +294,9 @@ class Forwarder:
                 ready, partial = data[:cut], data[cut:]
                 if b'"usage"' in ready:
                     ready = self._take_usage(ready, ex, outcome)
+                if anthropic:
+                    outcome.deltas += ready.count(CONTENT_DELTA)
+                    outcome.final_usage = outcome.final_usage or MESSAGE_DELTA in ready
                 if STREAM_ERROR in ready:
                     ready = stream_errors(ready)
                 if ready:

@@ -3,13 +3,15 @@
 vLLM runs at most ``max_num_seqs`` sequences at once and queues the rest first come, first
 served; its priority scheduling does not pre-empt a running request, so once its batch is full
 one key's flood decides everyone's order. The gateway therefore keeps the engine's queue empty:
-it admits at most ``capacity`` requests to the engine and holds the rest here, one queue per key.
+it admits at most ``capacity`` sequences to the engine and holds the rest here, one queue per
+key. A request takes as many slots as it asks the engine for sequences (``n``, ``best_of``, a
+list of prompts): vLLM counts each against ``max_num_seqs``, and so does the queue.
 
 The order is start-time fair queueing over requests. Each key carries a virtual finish tag; a
 request admitted from it starts at ``max(key's tag, clock)`` and advances the key's tag by
-``1 / weight``. The next free slot goes to the waiting key with the smallest start, so keys share
+``size / weight``. The next free slot goes to the waiting key with the smallest start, so keys share
 slots in proportion to their weights, and a key that was idle re-enters at the clock instead of
-spending credit it banked while away. The unit is a request, not a token: the scarce thing at
+spending credit it banked while away. The unit is a sequence, not a token: the scarce thing at
 admission is a batch slot, and a request's length is unknown until it ends (tokens are bounded
 by the key's TPM limit and quota instead).
 
@@ -18,7 +20,9 @@ rather than the batch is what runs out, vLLM pre-empts and recomputes running se
 of refusing them, so ``num_requests_running`` still never exceeds ``max_num_seqs`` and what
 waits inside vLLM is at most what the gateway let in, in the gateway's fair order.
 
-A key's ``max_concurrent`` caps its requests at the engine; its queue is bounded so that one key
+A key's ``max_concurrent`` caps its sequences at the engine; a request larger than that, or
+than ``capacity``, could never run and is refused before it queues (the caller checks
+``fits``); its queue is bounded so that one key
 can never hold all of the gateway's memory guard (``QueueFull``: the caller answers 429).
 
 Each slot notes on the wall clock when its request asked for its turn and when it got it, at
@@ -67,13 +71,15 @@ class Lane:
     name: str
     weight: float = 1.0
     max_concurrent: int | None = None
-    waiting: deque[tuple[int, asyncio.Future, Stamps]] = field(default_factory=deque)
+    waiting: deque[tuple[int, asyncio.Future, Stamps, int]] = field(default_factory=deque)
     running: int = 0
     finish: float = 0.0
 
+    def room_for(self, size: int) -> bool:
+        return self.max_concurrent is None or self.running + size <= self.max_concurrent
+
     def eligible(self) -> bool:
-        return bool(self.waiting) and (self.max_concurrent is None
-                                       or self.running < self.max_concurrent)
+        return bool(self.waiting) and self.room_for(self.waiting[0][3])
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,9 @@ class FairQueue:
         self.observe = observer or Observer()
         self.lanes: dict[str, Lane] = {}
         self.running = 0
+        self.stalled = False
+        """The next request in the fair order waits for more slots than are free: nobody else
+        is let in before it (a stream of small requests would keep it waiting for ever)."""
         self.clock = 0.0
         self.arrivals = itertools.count()
 
@@ -102,9 +111,16 @@ class FairQueue:
         lane = self.lanes.get(name)
         return len(lane.waiting) if lane else 0
 
-    def slot(self, tenant: Tenant, stamps: Stamps | None = None) -> "Slot":
-        """``async with queue.slot(tenant)``: hold one engine slot, waiting fairly for it."""
-        return Slot(self, self._lane(tenant), stamps or Unstamped())
+    def fits(self, tenant: Tenant, size: int) -> bool:
+        """Whether ``size`` sequences can ever run at once for this key: a larger request
+        would wait forever, and is refused instead."""
+        return size <= self.capacity and (tenant.max_concurrent is None
+                                          or size <= tenant.max_concurrent)
+
+    def slot(self, tenant: Tenant, stamps: Stamps | None = None, size: int = 1) -> "Slot":
+        """``async with queue.slot(tenant, size=n)``: hold ``n`` engine slots (one a sequence),
+        waiting fairly for them; ``fits`` must hold."""
+        return Slot(self, self._lane(tenant), stamps or Unstamped(), size)
 
     def _lane(self, tenant: Tenant) -> Lane:
         lane = self.lanes.get(tenant.name)
@@ -113,30 +129,31 @@ class FairQueue:
         lane.weight, lane.max_concurrent = tenant.weight, tenant.max_concurrent
         return lane
 
-    def _try_admit(self, lane: Lane) -> bool:
-        """Take a free slot at once when nobody of this key is waiting ahead of it."""
-        if not lane.waiting and self.running < self.capacity and (
-                lane.max_concurrent is None or lane.running < lane.max_concurrent):
-            self._admit(lane)
+    def _try_admit(self, lane: Lane, size: int) -> bool:
+        """Take free slots at once when nobody of this key is waiting ahead of it."""
+        if not (lane.waiting or self.stalled) and self.running + size <= self.capacity \
+                and lane.room_for(size):
+            self._admit(lane, size)
             return True
         return False
 
-    async def _wait(self, lane: Lane, stamps: Stamps) -> None:
+    async def _wait(self, lane: Lane, stamps: Stamps, size: int) -> None:
         if len(lane.waiting) >= self.max_queued_per_key:
             raise QueueFull(lane.name)
         loop = asyncio.get_running_loop()
         granted = loop.create_future()
-        entry = (next(self.arrivals), granted, stamps)
+        entry = (next(self.arrivals), granted, stamps, size)
         stamps.queued = time.time()
         lane.waiting.append(entry)
         self.observe.depth(lane.name, len(lane.waiting))
+        self._dispatch()  # it may head the fair order, and stall it until its slots are free
         queued_at = loop.time()
         try:
             await granted
         except asyncio.CancelledError:
             if not granted.cancelled():
                 stamps.admitted = None  # granted just as the waiter gave up: hand the slot on
-                self._release(lane)
+                self._release(lane, size)
             elif entry in lane.waiting:
                 lane.waiting.remove(entry)
                 self.observe.depth(lane.name, len(lane.waiting))
@@ -144,32 +161,41 @@ class FairQueue:
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
 
-    def _admit(self, lane: Lane) -> None:
+    def _admit(self, lane: Lane, size: int) -> None:
         start = max(lane.finish, self.clock)
-        lane.finish = start + 1.0 / lane.weight
+        lane.finish = start + size / lane.weight
         self.clock = start
-        lane.running += 1
-        self.running += 1
+        lane.running += size
+        self.running += size
         self.observe.in_use(self.running)
 
-    def _release(self, lane: Lane) -> None:
-        lane.running -= 1
-        self.running -= 1
+    def _release(self, lane: Lane, size: int) -> None:
+        lane.running -= size
+        self.running -= size
         self.observe.in_use(self.running)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Fill free slots from the eligible key whose next request starts earliest."""
+        """Fill free slots from the eligible key whose next request starts earliest. When that
+        request needs more slots than are free, nobody passes it: smaller requests behind it
+        would otherwise keep a large one waiting for ever."""
+        self.stalled = False
         while self.running < self.capacity:
             ready = [lane for lane in self.lanes.values() if lane.eligible()]
             if not ready:
                 return
             lane = min(ready, key=lambda ln: (max(ln.finish, self.clock), ln.waiting[0][0]))
-            _, granted, stamps = lane.waiting.popleft()
-            self.observe.depth(lane.name, len(lane.waiting))
+            _, granted, stamps, size = lane.waiting[0]
             if granted.cancelled():
-                continue  # its waiter is leaving and takes no slot
-            self._admit(lane)
+                lane.waiting.popleft()  # its waiter is leaving and takes no slot
+                self.observe.depth(lane.name, len(lane.waiting))
+                continue
+            if self.running + size > self.capacity:
+                self.stalled = True
+                return
+            lane.waiting.popleft()
+            self.observe.depth(lane.name, len(lane.waiting))
+            self._admit(lane, size)
             stamps.admitted = time.time()
             granted.set_result(None)
 
@@ -177,19 +203,19 @@ class FairQueue:
 class Slot:
     """One request's hold on an engine slot; a class, not a generator: it is on every request."""
 
-    __slots__ = ("lane", "queue", "stamps")
+    __slots__ = ("lane", "queue", "size", "stamps")
 
-    def __init__(self, queue: FairQueue, lane: Lane, stamps: Stamps) -> None:
-        self.queue, self.lane, self.stamps = queue, lane, stamps
+    def __init__(self, queue: FairQueue, lane: Lane, stamps: Stamps, size: int = 1) -> None:
+        self.queue, self.lane, self.stamps, self.size = queue, lane, stamps, size
 
     async def __aenter__(self) -> None:
-        if self.queue._try_admit(self.lane):
+        if self.queue._try_admit(self.lane, self.size):
             self.stamps.queued = self.stamps.admitted = time.time()
         else:
-            await self.queue._wait(self.lane, self.stamps)
+            await self.queue._wait(self.lane, self.stamps, self.size)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.queue._release(self.lane)
+        self.queue._release(self.lane, self.size)
 
 
 class Unqueued:

@@ -5,10 +5,11 @@ reservation is replaced by the engine's count when it ends. A key's settled use 
 reserved never exceeds its quota, so concurrent requests cannot take it past the quota however
 they interleave; a request whose bound does not fit is refused (429 ``insufficient_quota``).
 
-The bound: ``max_tokens`` (or the route's default) for the completion, and the body's length in
-bytes for the prompt: a byte-level tokenizer's token covers at least one byte of text, and a
-chat template adds fewer tokens per message than the JSON around the message takes bytes. The
-model's context length, when the engine has said it, caps both together.
+The bound: ``max_tokens`` (or the route's default) for each sequence the request asks for
+(``n``, ``best_of``, every prompt of a list), and the body's length in bytes for the prompts:
+a byte-level tokenizer's token covers at least one byte of text, and a chat template adds
+fewer tokens per message than the JSON around the message takes bytes. The model's context
+length, when the engine has said it, caps each sequence's prompt and completion together.
 """
 
 import asyncio
@@ -17,11 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..keys.store import Key, period_end, period_label
-
-# What the engine generates when the client names no limit, per route (vLLM's and OpenAI's
-# default for completions); chat and Responses run to the end of the context.
-DEFAULT_COMPLETION = {"/v1/completions": 16}
-COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+from ..protocol.routes import Route
 
 
 class QuotaExceeded(Exception):
@@ -30,27 +27,25 @@ class QuotaExceeded(Exception):
         self.key, self.quota, self.left, self.retry_after_s = key, quota, left, retry_after_s
 
 
-def completion_bound(path: str, body: dict | None, context: int | None) -> int | None:
-    """The most tokens the request may generate, or None when only the context bounds it."""
-    for name in COMPLETION_FIELDS:
+def completion_bound(route: Route, body: dict | None, context: int | None) -> int | None:
+    """The most tokens one sequence may generate, or None when nothing bounds it (the route
+    runs to the end of the context and the context is not known)."""
+    for name in route.cap_fields:
         value = (body or {}).get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    if path in DEFAULT_COMPLETION:
-        return DEFAULT_COMPLETION[path]
-    if path in ("/v1/chat/completions", "/v1/responses"):
-        return context
-    return 0
+    return context if route.default_completion is None else route.default_completion
 
 
-def reservation_for(path: str, body: dict | None, body_bytes: int,
-                    context: int | None) -> int | None:
-    """An upper bound of prompt + completion tokens; None when there is none to be had."""
-    completion = completion_bound(path, body, context)
+def reservation_for(route: Route, body: dict | None, body_bytes: int, context: int | None,
+                    sequences: int = 1) -> int | None:
+    """An upper bound of prompt + completion tokens over every sequence; None when there is
+    none to be had."""
+    completion = completion_bound(route, body, context)
     if completion is None:
         return None
-    bound = body_bytes + completion
-    return min(bound, context) if context else bound
+    bound = body_bytes + sequences * completion
+    return min(bound, sequences * context) if context else bound
 
 
 @dataclass

@@ -84,10 +84,24 @@ def test_stream_chunks_are_relayed_as_they_arrive(gw):
 
 
 def test_unknown_fields_reach_the_engine_untouched(gw, fake):
+    """Untouched but for the one field the gateway owns: the key's prefix-cache salt."""
     body = {**CHAT, "top_k": 7, "guided_json": {"type": "object"}, "repetition_penalty": 1.1}
     response = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(), json=body)
     assert response.status_code == 200
-    assert fake.stats()["last_body"] == body
+    sent = fake.stats()["last_body"]
+    assert isinstance(sent.pop("cache_salt"), str) and sent == body
+
+
+def test_the_gateway_replaces_a_client_cache_salt_with_the_keys_own(gw, fake):
+    salts = {}
+    for name, client_salt in (("salt-a", None), ("salt-a", "mine"), ("salt-b", "mine")):
+        body = {**CHAT, **({"cache_salt": client_salt} if client_salt else {})}
+        response = httpx.post(gw.url + "/v1/chat/completions", headers=gw.headers(name),
+                              json=body)
+        assert response.status_code == 200
+        salts.setdefault(name, set()).add(fake.stats()["last_body"]["cache_salt"])
+    assert len(salts["salt-a"]) == 1 and salts["salt-a"] != salts["salt-b"]
+    assert "mine" not in salts["salt-a"] | salts["salt-b"]
 
 
 def test_client_key_never_reaches_the_engine_and_request_id_round_trips(gw, fake):

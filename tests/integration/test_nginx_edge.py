@@ -200,6 +200,21 @@ def test_unknown_path_is_404_json_without_reaching_the_proxy(client, edge):
     assert entries and all(e["upstream_status"] == "" for e in entries)
 
 
+def test_anthropic_messages_reach_the_gateway_with_either_key_header(client, gw):
+    """Both Messages routes are routed to the gateway (its Anthropic-shaped answers, not
+    NGINX's 404), and a key sent as x-api-key is as good as a bearer."""
+    body = {"model": "fake-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        refused = client.post(path, json=body, headers={"x-api-key": "sk-app-wrong"})
+        assert refused.status_code == 401
+        assert refused.json()["type"] == "error"
+        assert refused.json()["error"]["type"] == "authentication_error"
+    key = gw.key("edge-anthropic")
+    for headers in ({"x-api-key": key}, {"Authorization": f"Bearer {key}"}):
+        answer = client.post("/v1/messages/count_tokens", json=body, headers=headers)
+        assert answer.status_code != 401, answer.text
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [

@@ -55,6 +55,16 @@ def test_create_defaults_to_no_limits_every_model_and_weight_1(db):
     assert (key.weight, key.quota_tokens, key.quota_period) == (1.0, None, "month")
 
 
+def test_a_cache_group_is_set_shown_and_left(db, capsys):
+    assert keys(db, "create", "--name", "alice", "--cache-group", "team") == 0
+    assert stored(db, "alice").cache_group == "team"
+    assert keys(db, "show", "alice") == 0
+    assert "team" in rows(capsys.readouterr().out)["cache"]
+    assert keys(db, "update", "alice", "--own-cache") == 0
+    assert stored(db, "alice").cache_group is None
+    assert keys(db, "update", "alice", "--cache-group", "two words") == 1
+
+
 def test_update_changes_only_what_it_is_given_and_keeps_usage(db, capsys):
     keys(db, "create", "--name", "alice", "--rpm", "60", "--tpm", "1000", "--models", "a")
     store = KeyStore(db)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from proxy.protocol.body import parse_request, usage_requested
 from proxy.protocol.errors import ProxyError
-from proxy.protocol.usage import TokenUsage, from_json_body, take_usage
+from proxy.protocol.usage import TokenUsage, from_json_body, take_usage, usage_of
 from proxy.relay.forward import Forwarder, StreamOutcome
 from proxy.settings import ProxySettings
 from proxy.tenancy.deadlines import Deadlines, deadlines_for
@@ -141,8 +141,8 @@ def test_usage_from_json_body():
               "usage": {"prompt_tokens": 3, "completion_tokens": 4,
                         "prompt_tokens_details": {"cached_tokens": 2}},
               "kv_transfer_params": None}
-    assert from_json_body(json.dumps(tricky).encode()) == TokenUsage(3, 4)
-    assert from_json_body(json.dumps(tricky, separators=(",", ":")).encode()) == TokenUsage(3, 4)
+    assert from_json_body(json.dumps(tricky).encode()) == TokenUsage(3, 4, cached_tokens=2)
+    assert from_json_body(json.dumps(tricky, separators=(",", ":")).encode()) == TokenUsage(3, 4, 2)
     text_only = {"choices": [{"text": '"usage": {"prompt_tokens": 99}'}]}
     assert from_json_body(json.dumps(text_only).encode()) is None
 
@@ -170,6 +170,14 @@ def test_the_final_usage_only_chunk_is_recognised_and_never_cut():
     assert take_usage(spaced, strip_running=True)[1:] == (TokenUsage(2, 5), True)
 
 
+def test_anthropic_usage_counts_cached_and_cache_written_tokens_as_prompt():
+    final = b'{"input_tokens": 5, "output_tokens": 9, "cache_read_input_tokens": 32}'
+    assert usage_of(final) == TokenUsage(37, 9, 32)
+    written = b'{"input_tokens":5,"output_tokens":1,"cache_creation_input_tokens":4}'
+    assert usage_of(written) == TokenUsage(9, 1, 0)
+    assert usage_of(b'{"input_tokens": 12, "output_tokens": 0}') == TokenUsage(12, 0)
+
+
 def test_events_without_usage_are_left_alone():
     text_event = b'data: {"choices":[{"delta":{"content":"the \\"usage\\": {x}"}}]}'
     assert take_usage(text_event, strip_running=True) == (text_event, None, False)
@@ -187,7 +195,7 @@ def test_a_chunks_running_usage_is_read_and_cut_whatever_its_text(content, promp
     separators = (",", ":") if compact else (", ", ": ")
     event = b"data: " + json.dumps({**chunk, "usage": usage}, separators=separators).encode()
     cut, found, only_usage = take_usage(event, strip_running=True)
-    assert found == TokenUsage(prompt, completion) and not only_usage
+    assert found == TokenUsage(prompt, completion, 1 if details else 0) and not only_usage
     assert json.loads(cut[len(b"data: "):]) == chunk
 
 

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from proxy.keys.store import Key
+from proxy.protocol.routes import route_for
 from proxy.tenancy.quota import QuotaBook, QuotaExceeded, completion_bound, reservation_for
 
 NOW = 1_795_000_000.0  # 2026-11-18
@@ -24,13 +25,22 @@ def key(quota: int | None = 1000, period: str = "month") -> Key:
     ("/v1/embeddings", {"input": "x"}, None, 0),
 ])
 def test_completion_bound_per_route(path, body, context, bound):
-    assert completion_bound(path, body, context) == bound
+    assert completion_bound(route_for(path), body, context) == bound
 
 
 def test_reservation_is_prompt_bytes_plus_completion_capped_by_the_context():
-    assert reservation_for("/v1/chat/completions", {"max_tokens": 50}, 120, None) == 170
-    assert reservation_for("/v1/chat/completions", {"max_tokens": 50}, 5000, 1024) == 1024
-    assert reservation_for("/v1/chat/completions", {}, 100, None) is None
+    chat = route_for("/v1/chat/completions")
+    assert reservation_for(chat, {"max_tokens": 50}, 120, None) == 170
+    assert reservation_for(chat, {"max_tokens": 50}, 5000, 1024) == 1024
+    assert reservation_for(chat, {}, 100, None) is None
+
+
+def test_reservation_counts_every_sequence_each_capped_by_the_context():
+    chat, completions = route_for("/v1/chat/completions"), route_for("/v1/completions")
+    assert reservation_for(chat, {"max_tokens": 30, "n": 6}, 100, None, 6) == 100 + 6 * 30
+    assert reservation_for(completions, {"prompt": ["a", "b", "c"]}, 60, None, 3) == 60 + 3 * 16
+    assert reservation_for(chat, {"max_tokens": 900}, 200, 1000, 4) == 200 + 4 * 900
+    assert reservation_for(chat, {"max_tokens": 1000}, 200, 1000, 2) == 2 * 1000
 
 
 def test_reservations_add_up_and_settle_to_what_was_spent():

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from proxy.protocol.body import USAGE_ON_REQUEST, output_cap, parse_request, with_output_cap
+from proxy.protocol import routes
+from proxy.protocol.body import output_cap, parse_request, with_output_cap
 from proxy.protocol.errors import ProxyError
 from proxy.protocol.usage import from_json_body, take_usage
 from proxy.settings import ProxySettings
@@ -30,15 +31,16 @@ SETTINGS = ProxySettings(_env_file=None, timeout_base_s=30, timeout_per_token_s=
 )
 def test_responses_fields_the_gateway_acts_on_are_checked(body, param, code):
     with pytest.raises(ProxyError) as caught:
-        parse_request(json.dumps({"model": "m", "input": "hi", **body}).encode(), RESPONSES)
+        parse_request(json.dumps({"model": "m", "input": "hi", **body}).encode(),
+                      routes.RESPONSES)
     assert caught.value.status == 400
     assert (caught.value.param, caught.value.code) == (param, code)
 
 
 def test_responses_input_may_be_text_or_items_and_embeddings_input_is_left_alone():
     for value in ("hi", [{"role": "user", "content": "hi"}], ["hi"]):
-        parse_request(json.dumps({"input": value}).encode(), RESPONSES)
-    parse_request(json.dumps({"input": [1, 2, 3]}).encode(), "/v1/embeddings")
+        parse_request(json.dumps({"input": value}).encode(), routes.RESPONSES)
+    parse_request(json.dumps({"input": [1, 2, 3]}).encode(), routes.route_for("/v1/embeddings"))
 
 
 def test_responses_deadline_grows_with_max_output_tokens():
@@ -59,7 +61,7 @@ def test_responses_deadline_grows_with_max_output_tokens():
     ],
 )
 def test_default_output_cap_only_where_the_client_set_none(route, body, expected):
-    capped = with_output_cap({"model": "m", **body}, route, 512)
+    capped = with_output_cap({"model": "m", **body}, routes.route_for(route), 512)
     if expected is None:
         assert capped is None
     else:
@@ -78,7 +80,7 @@ def test_default_max_tokens_setting():
 
 
 def test_usage_is_asked_for_only_on_routes_that_report_it_on_request():
-    assert CHAT in USAGE_ON_REQUEST and RESPONSES not in USAGE_ON_REQUEST
+    assert routes.CHAT.usage_on_request and not routes.RESPONSES.usage_on_request
 
 
 def test_responses_usage_counts_input_and_output_tokens():
