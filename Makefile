@@ -59,9 +59,9 @@ lint: venv
 	$(BIN)/ruff check .
 
 # Proof in numbers, never part of `make test`. `make bench`: direct, this gateway, NGINX+TLS in
-# front of it and LiteLLM on the fast fake engine (scripts/bench_compare.py; LiteLLM goes into
+# front of it and LiteLLM on the fast fake engine (bench/bench_compare.py; LiteLLM goes into
 # .venv-litellm), then real vLLM direct vs NGINX+gateway; CSV and PNG into results/.
-# `make soak SOAK_MINUTES=3`: mixed traffic through the gateway, pass/fail (scripts/soak.py).
+# `make soak SOAK_MINUTES=3`: mixed traffic through the gateway, pass/fail (bench/soak.py).
 BENCH_ARGS ?=
 SOAK_MINUTES ?= 10
 
@@ -72,8 +72,8 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: venv engine-venv $(VENV)/.bench-installed
 	command -v wrk >/dev/null || { sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq wrk >/dev/null; }
-	$(BIN)/python scripts/bench_compare.py $(BENCH_ARGS)
-	$(BIN)/python scripts/bench_compare.py --engine
+	$(BIN)/python bench/bench_compare.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench_compare.py --engine
 
 soak: venv
-	$(BIN)/python scripts/soak.py --minutes $(SOAK_MINUTES) --csv results/soak.csv
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --csv results/soak.csv

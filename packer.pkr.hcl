@@ -142,7 +142,7 @@ locals {
   instance_type = var.instance_type != "" ? var.instance_type : (var.flavor == "cpu" ? "c7i.2xlarge" : "g6.xlarge")
 
   # What the image needs from this checkout; virtualenvs, caches and .run/ stay behind.
-  source_paths = ["pyproject.toml", "README.md", "proxy", "server", "appliance_ops", "nginx", "systemd", "ami", "scripts", "observability"]
+  source_paths = ["pyproject.toml", "README.md", "proxy", "server", "appliance_ops", "nginx", "systemd", "ami", "observability"]
 }
 
 source "amazon-ebs" "appliance" {

@@ -51,16 +51,18 @@ if ! problems="$("$venv/bin/pip" check)"; then
     fi
 fi
 
-# NGINX templates and the scripts that render them keep the repository's layout, since
-# render_site.py and enable-tls.sh find each other (and nginx/) by relative paths.
-for dir in nginx scripts; do
-    rm -rf "${prefix:?}/$dir"
-    cp -r "$src/$dir" "$prefix/$dir"
-done
+# NGINX templates and the tools that render them keep the repository's layout, since
+# render_site.py and enable-tls.sh find each other (and nginx/) by relative paths. Of
+# appliance_ops/ only those: its Python modules run from the virtualenv.
+rm -rf "${prefix:?}/nginx" "${prefix:?}/appliance_ops"
+cp -r "$src/nginx" "$prefix/nginx"
+install -d -m 0755 "$prefix/appliance_ops"
+cp "$src/appliance_ops/render_site.py" "$prefix/appliance_ops/render_site.py"
+cp -r "$src/appliance_ops/tools" "$prefix/appliance_ops/tools"
 chmod -R go-w "$prefix"
 
 install -m 0755 "$src/appliance_ops/firstboot.py" /usr/local/sbin/appliance-firstboot
-install -m 0755 "$src/scripts/appliance-status" /usr/local/sbin/appliance-status
-install -m 0755 "$src/scripts/smoke-test.sh" /usr/local/sbin/appliance-smoke-test
+install -m 0755 "$src/appliance_ops/tools/appliance-status" /usr/local/sbin/appliance-status
+install -m 0755 "$src/appliance_ops/tools/smoke-test.sh" /usr/local/sbin/appliance-smoke-test
 install -m 0755 "$src/ami/files/appliance-keys" /usr/local/sbin/appliance-keys
 install -m 0755 "$src/ami/files/appliance-enable-tls" /usr/local/sbin/appliance-enable-tls

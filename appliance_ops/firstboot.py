@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMDS_URL = "http://169.254.169.254"
-SCRIPTS_DIR = "/usr/local/lib/appliance/scripts"
+OPS_DIR = "/usr/local/lib/appliance/appliance_ops"
 VENV_BIN = "/usr/local/lib/appliance/venv/bin"
 TOKEN_TTL_S = 300
 SETTING_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -420,16 +420,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ufw-cmd", default=env_default("UFW_CMD", "ufw"))
     p.add_argument(
         "--self-signed-cmd",
-        default=env_default("SELF_SIGNED_CMD", f"{SCRIPTS_DIR}/make-self-signed.sh"),
+        default=env_default("SELF_SIGNED_CMD", f"{OPS_DIR}/tools/make-self-signed.sh"),
     )
     p.add_argument(
-        "--enable-tls-cmd", default=env_default("ENABLE_TLS_CMD", f"{SCRIPTS_DIR}/enable-tls.sh")
+        "--enable-tls-cmd", default=env_default("ENABLE_TLS_CMD", f"{OPS_DIR}/tools/enable-tls.sh")
     )
     p.add_argument(
         "--site-dir", type=Path, default=Path(env_default("SITE_DIR", "/etc/nginx/appliance"))
     )
     p.add_argument(
-        "--render-site-cmd", default=env_default("RENDER_SITE_CMD", f"{SCRIPTS_DIR}/render_site.py")
+        "--render-site-cmd", default=env_default("RENDER_SITE_CMD", f"{OPS_DIR}/render_site.py")
     )
     # The virtualenv's command itself: /usr/local/sbin/appliance-keys switches user on its own.
     p.add_argument("--keys-cmd", default=env_default("KEYS_CMD", f"{VENV_BIN}/appliance-keys"))

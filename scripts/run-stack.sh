@@ -180,8 +180,8 @@ up() {
 
     write_env_file
     demo_key
-    scripts/make-self-signed.sh "$run_dir/tls/self-signed.crt" "$run_dir/tls/self-signed.key" \
-        localhost >/dev/null
+    appliance_ops/tools/make-self-signed.sh "$run_dir/tls/self-signed.crt" \
+        "$run_dir/tls/self-signed.key" localhost >/dev/null
 
     # Both services get the caller's APPLIANCE_* variables, with this run's files, ports and
     # internal engine key on top.
@@ -199,7 +199,7 @@ up() {
     # NGINX gets one upstream per gateway worker: the count appliance-proxy resolves here.
     APPLIANCE_PROXY_WORKERS=$("$venv/bin/appliance-proxy" --port "$proxy_port" --print-workers)
     export APPLIANCE_PROXY_WORKERS
-    python3 scripts/render_site.py --out-dir "$run_dir/nginx" --standalone \
+    python3 appliance_ops/render_site.py --out-dir "$run_dir/nginx" --standalone \
         --cert "$run_dir/tls/self-signed.crt" --key "$run_dir/tls/self-signed.key" \
         --upstream "127.0.0.1:$proxy_port" --listen-addr 127.0.0.1 \
         --http-port "$http_port" --https-port "$https_port" --webroot "$run_dir/acme" \

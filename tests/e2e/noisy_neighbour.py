@@ -1,5 +1,5 @@
 """A noisy key's flood and a quiet key's requests, every stream timed: the load behind
-tests/e2e/test_fairness.py and scripts/bench_fairness.py.
+tests/e2e/test_fairness.py and bench/bench_fairness.py.
 
 Each stream is a ``Stream`` record filled in as the response arrives, so a stream cancelled
 half way (the flood is cancelled when a measurement ends) keeps what it had received.

@@ -1,8 +1,8 @@
 """A real NGINX serving the rendered appliance site on free loopback ports (tests, benchmarks).
 
-The site is rendered by the real scripts/render_site.py with a certificate from the real
-scripts/make-self-signed.sh, exactly as first boot does, but into a temporary directory and
-with its own NGINX master (own prefix, pid file and logs).
+The site is rendered by the real appliance_ops/render_site.py with a certificate from the real
+appliance_ops/tools/make-self-signed.sh, exactly as first boot does, but into a temporary
+directory and with its own NGINX master (own prefix, pid file and logs).
 """
 
 import contextlib
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tests.servers import ROOT, free_port, running
 
-RENDER = ROOT / "scripts" / "render_site.py"
-SELF_SIGNED = ROOT / "scripts" / "make-self-signed.sh"
+RENDER = ROOT / "appliance_ops" / "render_site.py"
+SELF_SIGNED = ROOT / "appliance_ops" / "tools" / "make-self-signed.sh"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 # The one set of security headers every response must carry (nginx/snippets/security-headers.conf).

@@ -13,7 +13,7 @@ from tests.servers import ROOT
 
 
 def test_bench_compare_runs_and_counts_no_errors(tmp_path):
-    run = subprocess.run([sys.executable, "scripts/bench_compare.py", "--duration", "1",
+    run = subprocess.run([sys.executable, "bench/bench_compare.py", "--duration", "1",
                           "--concurrency", "1", "64", "--skip", "nginx+tls", "litellm",
                           "--no-plot", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -28,7 +28,7 @@ def test_bench_compare_runs_and_counts_no_errors(tmp_path):
 
 
 def test_soak_runs_and_passes_its_behaviour_checks(tmp_path):
-    run = subprocess.run([sys.executable, "scripts/soak.py", "--minutes", "0.1", "--csv",
+    run = subprocess.run([sys.executable, "bench/soak.py", "--minutes", "0.1", "--csv",
                           str(tmp_path / "soak.csv")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     out = run.stdout
@@ -43,7 +43,7 @@ def test_soak_runs_and_passes_its_behaviour_checks(tmp_path):
 
 
 def test_bench_workers_runs_every_worker_count_without_errors(tmp_path):
-    run = subprocess.run([sys.executable, "scripts/bench_workers.py", "--workers", "1", "2",
+    run = subprocess.run([sys.executable, "bench/bench_workers.py", "--workers", "1", "2",
                           "--duration", "1", "--keys", "8", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -53,7 +53,7 @@ def test_bench_workers_runs_every_worker_count_without_errors(tmp_path):
 
 
 def test_bench_gateway_code_drives_the_gateway_to_200s_and_reports_both_costs():
-    run = subprocess.run([sys.executable, "scripts/bench_gateway_code.py", "--requests", "300",
+    run = subprocess.run([sys.executable, "bench/bench_gateway_code.py", "--requests", "300",
                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "us a small request" in run.stdout and "us a streamed event" in run.stdout

@@ -1,8 +1,8 @@
 """appliance-firstboot against a fake EC2 metadata service (IMDSv2) on loopback.
 
-Everything else is real: the certificate comes from scripts/make-self-signed.sh, the admin key
-from the real appliance-keys into a real key store, and the NGINX site the image serves is
-rendered with that certificate and checked by `nginx -t`.
+Everything else is real: the certificate comes from appliance_ops/tools/make-self-signed.sh,
+the admin key from the real appliance-keys into a real key store, and the NGINX site the image
+serves is rendered with that certificate and checked by `nginx -t`.
 """
 
 import gzip
@@ -86,7 +86,7 @@ class Host:
             "--defaults-file",
             str(self.defaults),
             "--self-signed-cmd",
-            str(ROOT / "scripts" / "make-self-signed.sh"),
+            str(ROOT / "appliance_ops" / "tools" / "make-self-signed.sh"),
             "--enable-tls-cmd",
             enable_tls,
             "--keys-cmd",
@@ -94,7 +94,7 @@ class Host:
             "--site-dir",
             str(self.root / "nginx"),
             "--render-site-cmd",
-            str(ROOT / "scripts" / "render_site.py"),
+            str(ROOT / "appliance_ops" / "render_site.py"),
             "--service-user",
             "",
             "--proxy-cmd",
@@ -275,7 +275,7 @@ def test_image_site_accepts_the_first_boot_certificate(host):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "render_site.py"),
+            str(ROOT / "appliance_ops" / "render_site.py"),
             "--out-dir",
             str(site),
             "--standalone",
@@ -372,7 +372,7 @@ def test_failed_tls_only_run_is_retried_at_next_boot(host, tmp_path):
 
 def test_cors_origins_from_user_data_reach_the_nginx_site(host):
     site = host.root / "nginx"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_site.py"), "--out-dir",
+    subprocess.run([sys.executable, str(ROOT / "appliance_ops" / "render_site.py"), "--out-dir",
                     str(site)], check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
     with fake_imds("APPLIANCE_CORS_ORIGINS=https://app.example.com\n") as imds:
         done = host.firstboot(imds.url)
@@ -392,7 +392,7 @@ def upstream_ports(site: Path) -> list[int]:
 @pytest.mark.parametrize("user_data", [None, "APPLIANCE_PROXY_WORKERS=3\n"])
 def test_gateway_workers_are_fixed_once_and_nginx_gets_one_upstream_each(host, user_data):
     """The env file and the NGINX site name the same count: this box's default, or the user's."""
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_site.py"), "--out-dir",
+    subprocess.run([sys.executable, str(ROOT / "appliance_ops" / "render_site.py"), "--out-dir",
                     str(host.site)], check=True, capture_output=True)
     assert upstream_ports(host.site) == [8080]
     with fake_imds(user_data) as imds:

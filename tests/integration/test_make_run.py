@@ -113,7 +113,7 @@ def test_make_run_serves_through_nginx_and_stops(tmp_path):
         # The operator's tools against the same stack.
         smoke = subprocess.run(
             [
-                str(ROOT / "scripts" / "smoke-test.sh"),
+                str(ROOT / "appliance_ops" / "tools" / "smoke-test.sh"),
                 "--url",
                 f"https://127.0.0.1:{ports['HTTPS']}",
                 "--key-file",
@@ -128,7 +128,7 @@ def test_make_run_serves_through_nginx_and_stops(tmp_path):
         assert smoke.returncode == 0, smoke.stdout + smoke.stderr
         assert "smoke-test: PASS" in smoke.stdout and key not in smoke.stdout + smoke.stderr
         status = subprocess.run(
-            [str(ROOT / "scripts" / "appliance-status")],
+            [str(ROOT / "appliance_ops" / "tools" / "appliance-status")],
             capture_output=True,
             text=True,
             timeout=60,

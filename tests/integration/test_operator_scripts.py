@@ -9,7 +9,7 @@ from tests.servers import ROOT, free_port
 
 def test_status_says_not_ready_when_nothing_answers():
     done = subprocess.run(
-        [str(ROOT / "scripts" / "appliance-status")],
+        [str(ROOT / "appliance_ops" / "tools" / "appliance-status")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -26,7 +26,11 @@ def test_status_says_not_ready_when_nothing_answers():
 
 def test_smoke_test_fails_without_a_readable_key(tmp_path):
     done = subprocess.run(
-        [str(ROOT / "scripts" / "smoke-test.sh"), "--key-file", str(tmp_path / "missing")],
+        [
+            str(ROOT / "appliance_ops" / "tools" / "smoke-test.sh"),
+            "--key-file",
+            str(tmp_path / "missing"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -40,7 +44,7 @@ def test_smoke_test_fails_when_nothing_answers(tmp_path):
     key.write_text("sk-test\n")
     done = subprocess.run(
         [
-            str(ROOT / "scripts" / "smoke-test.sh"),
+            str(ROOT / "appliance_ops" / "tools" / "smoke-test.sh"),
             "--url",
             f"https://127.0.0.1:{free_port()}",
             "--key-file",

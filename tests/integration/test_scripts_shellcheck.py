@@ -40,8 +40,8 @@ def test_scripts_are_found():
     names = {p.relative_to(ROOT).as_posix() for p in SCRIPTS}
     assert {
         ".ci/run",
-        "scripts/smoke-test.sh",
-        "scripts/appliance-status",
+        "appliance_ops/tools/smoke-test.sh",
+        "appliance_ops/tools/appliance-status",
         "ami/40-app.sh",
     } <= names
 

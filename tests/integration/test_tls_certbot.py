@@ -1,5 +1,6 @@
-"""scripts/enable-tls.sh end to end: real certbot, real NGINX, and pebble (Debian's ACME test
-server) on loopback, with pebble-challtestsrv answering DNS so `appliance.test` is 127.0.0.1.
+"""appliance_ops/tools/enable-tls.sh end to end: real certbot, real NGINX, and pebble (Debian's
+ACME test server) on loopback, with pebble-challtestsrv answering DNS so `appliance.test` is
+127.0.0.1.
 """
 
 import json
@@ -21,7 +22,7 @@ from tests.integration.nginx_stack import (
 )
 from tests.servers import ROOT, free_port, running, wait_http
 
-ENABLE_TLS = ROOT / "scripts" / "enable-tls.sh"
+ENABLE_TLS = ROOT / "appliance_ops" / "tools" / "enable-tls.sh"
 DOMAIN = "appliance.test"
 EMAIL = "ops@appliance.test"
 # Fast and deterministic: no validation sleeps, no random nonce rejections or authz reuse.

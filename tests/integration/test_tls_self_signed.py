@@ -1,4 +1,4 @@
-"""scripts/make-self-signed.sh: the first-boot certificate, made once and kept."""
+"""appliance_ops/tools/make-self-signed.sh: the first-boot certificate, made once and kept."""
 
 import os
 import stat
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.servers import ROOT
 
-SCRIPT = ROOT / "scripts" / "make-self-signed.sh"
+SCRIPT = ROOT / "appliance_ops" / "tools" / "make-self-signed.sh"
 
 
 def make(*args: str | Path) -> subprocess.CompletedProcess:

@@ -49,7 +49,7 @@ def test_journal_units_are_the_appliances():
 
 def test_access_log_is_the_one_nginx_writes():
     files = config()["logs"]["logs_collected"]["files"]["collect_list"]
-    site = (ROOT / "scripts" / "render_site.py").read_text()
+    site = (ROOT / "appliance_ops" / "render_site.py").read_text()
     default = re.search(r'access_log: str = "([^"]+)"', site).group(1)
     assert [f["file_path"] for f in files] == [default]
 

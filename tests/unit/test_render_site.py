@@ -1,4 +1,5 @@
-"""scripts/render_site.py: placeholders, parameter checks, and the rules the site must keep."""
+"""appliance_ops/render_site.py: placeholders, parameter checks, and the rules the site must
+keep."""
 
 import dataclasses
 import importlib.util
@@ -12,7 +13,9 @@ import pytest
 from proxy.settings import ProxySettings
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("render_site", ROOT / "scripts" / "render_site.py")
+spec = importlib.util.spec_from_file_location(
+    "render_site", ROOT / "appliance_ops" / "render_site.py"
+)
 render_site = importlib.util.module_from_spec(spec)
 sys.modules["render_site"] = render_site
 spec.loader.exec_module(render_site)

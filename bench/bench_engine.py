@@ -7,7 +7,7 @@ that drift on a shared machine hits both alike. Prints output tokens/s, time to 
 and inter-token latency (p50/p99) side by side with their ratio, and vLLM's start-up time and
 peak resident memory. Target: the proxy costs under 2% of throughput and under 2 ms TTFT p50.
 
-    .venv/bin/python scripts/bench_engine.py [--clients 32] [--tokens 64] [--rounds 5]
+    .venv/bin/python bench/bench_engine.py [--clients 32] [--tokens 64] [--rounds 5]
 """
 
 import argparse
@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from scripts.bench_proxy import percentile  # noqa: E402
-from scripts.procstats import descendants, rss_kib  # noqa: E402
+from bench.bench_proxy import percentile  # noqa: E402
+from bench.procstats import descendants, rss_kib  # noqa: E402
 from tests.e2e.engine_stack import SERVED_NAME, engine, make_tiny_model  # noqa: E402
 from tests.integration.proxy_stack import gateway  # noqa: E402
 

@@ -10,7 +10,7 @@ Load comes from wrk over kept-alive connections (as real clients use): one conne
 added latency, 64 for requests per second. NGINX runs as in production: workers = CPUs, the
 production site, only the per-address limits raised so one load generator is not throttled.
 
-    .venv/bin/python scripts/bench_nginx.py [--duration 10] [--csv results/nginx.csv]
+    .venv/bin/python bench/bench_nginx.py [--duration 10] [--csv results/nginx.csv]
 """
 
 import argparse
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import write_csv, wrk  # noqa: E402
+from bench.bench_proxy import write_csv, wrk  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 

@@ -9,7 +9,7 @@ on top of uvicorn and its engine transport, so a change to it can be compared on
 machine (the multi-process benchmarks move by 10-20% from one run to the next; this by a few).
 ``bench_proxy.py``'s ``asgi`` and ``bare`` rows give the two other parts of a request's CPU.
 
-    .venv/bin/python scripts/bench_gateway_code.py [--requests 40000] [--rounds 5]
+    .venv/bin/python bench/bench_gateway_code.py [--requests 40000] [--rounds 5]
         [--baseline REF]   # the same in a checkout of git REF, in alternation
 """
 
@@ -156,7 +156,7 @@ def main() -> None:
     trees = {"proxy": ROOT}
     if args.baseline:
         sys.path.insert(0, str(ROOT))
-        from scripts.bench_proxy import checkout
+        from bench.bench_proxy import checkout
 
         trees[f"proxy@{args.baseline}"] = checkout(args.baseline, workdir)
     figures: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}

@@ -14,7 +14,7 @@ One run, same machine, same load, five contenders:
 Non-streaming load comes from wrk (C, not the bottleneck); streams from a raw asyncio client
 that only counts events. Prints a table; ``--csv FILE`` also writes the figures.
 
-    .venv/bin/python scripts/bench_proxy.py [--duration 10] [--csv results/proxy.csv]
+    .venv/bin/python bench/bench_proxy.py [--duration 10] [--csv results/proxy.csv]
         [--baseline REF]   # also the gateway as of git REF, in the same run ("proxy@REF")
         [--turns N]        # then N turns of each in alternation (c=64, then the stream rounds),
                            # so that the machine's drift falls on both: medians per turn
@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.procstats import cpu_seconds, peak_rss_mb  # noqa: E402
+from bench.procstats import cpu_seconds, peak_rss_mb  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}

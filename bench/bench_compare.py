@@ -6,7 +6,7 @@ engine, one contender at a time.
   direct       tests/fake_engine.py itself (what any proxy adds is measured against it)
   proxy        appliance-proxy with auth, rate limits, usage and metrics on, as shipped
   nginx+tls    the rendered NGINX site (TLS 1.3) in front of a fresh appliance-proxy
-  litellm      LiteLLM's proxy (scripts/litellm-bench.yaml: a plain OpenAI pass-through with a
+  litellm      LiteLLM's proxy (bench/litellm-bench.yaml: a plain OpenAI pass-through with a
                master key, no database, one worker, logging off), from its own virtualenv
                (.venv-litellm, made here on first use)
   vllm-router  the vLLM project's router (Rust; PyPI ``vllm-router``) as a pass-through to one
@@ -20,11 +20,11 @@ per 1,000 requests (the contender's processes, not the engine's), peak RSS, erro
 results/bench_compare.csv (one row per contender and concurrency), results/bench_streams.csv and
 results/bench_compare.png, and prints the table with the ratios the project targets.
 
-    .venv/bin/python scripts/bench_compare.py [--duration 10] [--out results] [--skip litellm]
-    .venv/bin/python scripts/bench_compare.py --engine [--clients 32 --tokens 64 --rounds 5]
+    .venv/bin/python bench/bench_compare.py [--duration 10] [--out results] [--skip litellm]
+    .venv/bin/python bench/bench_compare.py --engine [--clients 32 --tokens 64 --rounds 5]
 
 ``--engine`` runs the real-engine comparison instead: vLLM (CPU build, tiny model) direct, through
-the gateway, and through NGINX+TLS and the gateway, with scripts/bench_engine.py's load and
+the gateway, and through NGINX+TLS and the gateway, with bench/bench_engine.py's load and
 figures (tokens/s, TTFT, inter-token latency); results/bench_engine.csv.
 """
 
@@ -47,8 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import STREAM, one_stream, percentile, write_csv, wrk  # noqa: E402
-from scripts.procstats import cpu_seconds, peak_rss_mb  # noqa: E402
+from bench.bench_proxy import STREAM, one_stream, percentile, write_csv, wrk  # noqa: E402
+from bench.procstats import cpu_seconds, peak_rss_mb  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
@@ -56,7 +56,7 @@ LITELLM_VENV = ROOT / ".venv-litellm"
 # Pinned, so reruns compare like with like. Releases from 1.104 on (tried up to 1.109) ask for
 # a certifi newer than the package registry had when this was written.
 LITELLM_REQUIREMENT = "litellm[proxy]==1.100.5"
-LITELLM_CONFIG = ROOT / "scripts" / "litellm-bench.yaml"
+LITELLM_CONFIG = ROOT / "bench" / "litellm-bench.yaml"
 VLLM_ROUTER_VENV = ROOT / ".venv-vllm-router"
 VLLM_ROUTER_REQUIREMENT = "vllm-router==0.1.17"
 CONTENDERS = ("direct", "proxy", "nginx+tls", "litellm", "vllm-router")
@@ -368,7 +368,7 @@ def run_fake(args) -> None:
 
 def run_engine(args) -> None:
     """vLLM direct, through the gateway, and through NGINX+TLS and the gateway."""
-    from scripts.bench_engine import load, summarize
+    from bench.bench_engine import load, summarize
     from tests.e2e.engine_stack import engine, make_tiny_model
     from tests.integration.proxy_stack import gateway
 

@@ -22,7 +22,7 @@ Pass, printed per check (exit status 1 if any fails):
   - every stream the clients aborted was aborted upstream (the engine's /fake/stats
     disconnects), and no engine request is left in progress
 
-    .venv/bin/python scripts/soak.py [--minutes 10] [--csv results/soak.csv]
+    .venv/bin/python bench/soak.py [--minutes 10] [--csv results/soak.csv]
 """
 
 import argparse
@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from scripts.bench_proxy import write_csv  # noqa: E402
-from scripts.procstats import rss_kib  # noqa: E402
+from bench.bench_proxy import write_csv  # noqa: E402
+from bench.procstats import rss_kib  # noqa: E402
 from tests.fake_engine import count_prompt_tokens  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 

@@ -10,7 +10,7 @@ tokens. Reports requests/s, SSE events/s and the gateway's CPU per request (all 
 ``direct`` is the fake engine itself, for scale. A machine with fewer cores than workers (plus
 NGINX, the engine and the load generator) shows contention, not scaling: say so with the figures.
 
-    .venv/bin/python scripts/bench_workers.py [--workers 1 2 4] [--duration 10] [--out results]
+    .venv/bin/python bench/bench_workers.py [--workers 1 2 4] [--duration 10] [--out results]
 """
 
 import argparse
@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import CHAT, STREAM, one_stream, write_csv  # noqa: E402
-from scripts.procstats import cpu_seconds  # noqa: E402
+from bench.bench_proxy import CHAT, STREAM, one_stream, write_csv  # noqa: E402
+from bench.procstats import cpu_seconds  # noqa: E402
 from tests.integration.nginx_stack import render, serving  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, free_ports, running, wait_http  # noqa: E402
 

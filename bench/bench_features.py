@@ -20,7 +20,7 @@ much as requests/s do). Variants, run in turns so that drift spreads over all of
 A feature is taken out by patching the running gateway, so the figures are for reading, never
 for shipping: they say where the time goes when the 0.10 ms target is missed.
 
-    .venv/bin/python scripts/bench_features.py [--seconds 6] [--rounds 2] [--csv FILE]
+    .venv/bin/python bench/bench_features.py [--seconds 6] [--rounds 2] [--csv FILE]
 """
 
 import argparse
@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import bench_key, wrk  # noqa: E402
-from scripts.procstats import cpu_seconds  # noqa: E402
+from bench.bench_proxy import bench_key, wrk  # noqa: E402
+from bench.procstats import cpu_seconds  # noqa: E402
 from tests.servers import fake_engine, free_port, running  # noqa: E402
 
 FEATURES = ("metrics", "watch", "admission", "usage", "limits", "log")
@@ -110,7 +110,7 @@ def main() -> None:
             for name in VARIANTS:
                 port = free_port()
                 if name == "bare":
-                    argv = [sys.executable, str(ROOT / "scripts" / "bench_proxy.py"),
+                    argv = [sys.executable, str(ROOT / "bench" / "bench_proxy.py"),
                             "--serve-floor", str(port), engine_url, "--kind", "bare"]
                     ready = f"http://127.0.0.1:{port}/health"
                 else:

@@ -13,9 +13,9 @@ tokens/s, side by side with the ratios issue 9 targets (quiet TTFT p50 gateway/d
 flood tokens/s gateway/direct >= 0.8, every quiet request 200); writes
 results/bench_fairness.csv.
 
-    .venv/bin/python scripts/bench_fairness.py [--duration 30] [--flood 48] [--batch 8]
-    .venv/bin/python scripts/bench_fairness.py --quick
-    .venv/bin/python scripts/bench_fairness.py --engine-concurrency 1000   # no fair admission
+    .venv/bin/python bench/bench_fairness.py [--duration 30] [--flood 48] [--batch 8]
+    .venv/bin/python bench/bench_fairness.py --quick
+    .venv/bin/python bench/bench_fairness.py --engine-concurrency 1000   # no fair admission
 """
 
 import argparse
@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from scripts.bench_compare import machine  # noqa: E402
-from scripts.bench_engine import core_split  # noqa: E402
-from scripts.bench_proxy import percentile, write_csv  # noqa: E402
+from bench.bench_compare import machine  # noqa: E402
+from bench.bench_engine import core_split  # noqa: E402
+from bench.bench_proxy import percentile, write_csv  # noqa: E402
 from tests.e2e.engine_stack import engine, make_tiny_model  # noqa: E402
 from tests.e2e.noisy_neighbour import (  # noqa: E402
     Stream,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Render the NGINX site (nginx/appliance.conf and nginx/snippets/) into a directory.
 
-Standard library only, so first-boot provisioning, scripts/enable-tls.sh and `make run` can
-call it with the system python3 before any virtual environment exists.
+Standard library only, so first-boot provisioning, appliance_ops/tools/enable-tls.sh and
+`make run` can call it with the system python3 before any virtual environment exists.
 
 Templates use ``${UPPER_CASE}`` placeholders; NGINX's own ``$variables`` are left alone. The
 parameters used are saved next to the output (``render-params.json``) so that ``--update`` can

@@ -9,13 +9,14 @@
 # certificate. Running it again is harmless: certbot keeps a certificate that is not yet due.
 #
 # Environment (defaults suit the production host):
-#   APPLIANCE_NGINX_DIR    the rendered site (scripts/render_site.py --out-dir) [/etc/nginx/appliance]
+#   APPLIANCE_NGINX_DIR    the rendered site (appliance_ops/render_site.py --out-dir)
+#                          [/etc/nginx/appliance]
 #   APPLIANCE_NGINX_ARGS   extra arguments for `nginx -t` and `nginx -s reload`, e.g. "-p DIR -c FILE"
 #   APPLIANCE_CERTBOT_DIR  keep certbot's config, work and logs under this directory instead of
 #                          certbot's system directories
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
+render_site=$(cd "$(dirname "$0")/.." && pwd)/render_site.py
 site_dir=${APPLIANCE_NGINX_DIR:-/etc/nginx/appliance}
 read -r -a nginx_args <<<"${APPLIANCE_NGINX_ARGS:-}"
 hook_name=appliance-nginx-reload
@@ -63,7 +64,8 @@ if [ -n "$server" ] && ! [[ $server =~ ^https://[^[:space:]]+$ ]]; then
 fi
 
 [ -f "$site_dir/render-params.json" ] \
-    || fail "no rendered site in $site_dir (run scripts/render_site.py --out-dir $site_dir first)"
+    || fail "no rendered site in $site_dir" \
+            "(run appliance_ops/render_site.py --out-dir $site_dir first)"
 
 certbot_dirs=()
 config_dir=/etc/letsencrypt
@@ -75,7 +77,7 @@ fi
 server_args=()
 [ -z "$server" ] || server_args=(--server "$server")
 
-webroot=$(python3 "$here/render_site.py" --out-dir "$site_dir" --show webroot)
+webroot=$(python3 "$render_site" --out-dir "$site_dir" --show webroot)
 mkdir -p "$webroot/.well-known/acme-challenge"
 chmod 755 "$webroot" "$webroot/.well-known" "$webroot/.well-known/acme-challenge"
 
@@ -115,7 +117,7 @@ restore() {
     fail "$1; the site keeps its current certificate"
 }
 
-python3 "$here/render_site.py" --out-dir "$site_dir" --update --server-name "$domain" \
+python3 "$render_site" --out-dir "$site_dir" --update --server-name "$domain" \
     --cert "$live/fullchain.pem" --key "$live/privkey.pem" >/dev/null \
     || restore "could not render the site for $domain"
 nginx "${nginx_args[@]}" -t -q || restore "nginx rejected the configuration for $domain"

@@ -8,7 +8,7 @@ hold the most samples, by their own time and with what they call, to
 ``results/profile_gateway.txt``. Time spent in a C call (a socket write, the event loop's
 poll) is charged to the Python function that made it.
 
-    .venv/bin/python scripts/profile_proxy.py [--seconds 10] [--out results/profile_gateway.txt]
+    .venv/bin/python bench/profile_proxy.py [--seconds 10] [--out results/profile_gateway.txt]
 """
 
 import argparse
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_proxy import STREAM, one_stream, wrk  # noqa: E402
+from bench.bench_proxy import STREAM, one_stream, wrk  # noqa: E402
 from tests.servers import VENV_BIN, fake_engine, free_port, running  # noqa: E402
 
 FRAME = re.compile(r"(.*) \((.*?):\d+\)$")
@@ -40,7 +40,7 @@ def frame_name(frame: str) -> str:
         return frame.strip()
     function, path = match.groups()
     path = re.sub(r".*/site-packages/", "", path)
-    path = re.sub(r".*/(proxy|scripts|tests)/", r"\1/", path)
+    path = re.sub(r".*/(proxy|bench|tests)/", r"\1/", path)
     return f"{function} ({path})"
 
 
