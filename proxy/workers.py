@@ -3,7 +3,7 @@
 One Python process relays on one core. To use more, ``appliance-proxy`` runs
 ``APPLIANCE_PROXY_WORKERS`` of them, worker ``i`` on port ``APPLIANCE_PROXY_PORT + i``, and
 NGINX sends every request of one key to the same worker (``hash $http_authorization
-consistent`` over those ports, rendered by ``scripts/render_site.py --gateway-workers N``).
+consistent`` over those ports, rendered by ``appliance_ops/render_site.py --gateway-workers N``).
 So a key's token buckets, its quota reservations and its fair queue live in exactly one
 process, as they did with one worker, and nothing on the request path crosses processes or
 waits for a shared store. What does cross processes is divided once, here: the engine's slots
