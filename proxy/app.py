@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -31,6 +32,7 @@ from .protocol.errors import ProxyError
 from .protocol.routes import GENERATION_PATHS, ROUTES, api_of, is_gateway_path
 from .protocol.salt import CacheSalts
 from .relay.drain import RELAYED, Drain, tell_siblings
+from .relay.engines import Engines, not_ready
 from .relay.forward import Forwarder
 from .settings import ProxySettings
 from .tenancy.admission import FairQueue, Observer
@@ -152,11 +154,13 @@ def prepare_store(settings: ProxySettings) -> None:
         log.error("key store unreachable at start; keys get 503 until it answers: %s", exc)
 
 
-def admission_observer(metrics: Metrics) -> Observer:
-    """The fair queue's callbacks into the metrics (admission itself knows no Prometheus)."""
+def admission_observer(metrics: Metrics, engines: Callable[[], Engines]) -> Observer:
+    """A fair queue's callbacks into the metrics (admission itself knows no Prometheus); slots
+    in use are counted over every engine's queue."""
     return Observer(depth=lambda key, n: metrics.queue_depth.labels(key).set(n),
                     waited=lambda key, s: metrics.queue_wait.labels(key).observe(s),
-                    in_use=metrics.engine_slots_in_use.set)
+                    in_use=lambda _: metrics.engine_slots_in_use.set(
+                        sum(engine.queue.running for engine in engines().all)))
 
 
 def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
@@ -177,15 +181,16 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
     store = functools.partial(open_store, settings.keys_location, create=False,
                               pool_size=settings.keys_pool_size)
     auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
-    forwarder = Forwarder(settings.engine_url, settings.engine_api_key,
+    engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda: FairQueue(
+        settings.engine_concurrency, settings.max_queued_per_key,
+        admission_observer(metrics, lambda: engines)))
+    forwarder = Forwarder(engines,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(store, settings.usage_flush_interval_s, metrics)
-    queue = FairQueue(settings.engine_concurrency, settings.max_queued_per_key,
-                      admission_observer(metrics))
-    metrics.engine_slots.set(settings.engine_concurrency)
+    metrics.engine_slots.set(settings.engine_concurrency * len(engines.all))
     limiter, quota, shared = limits_for(settings, auth, metrics)
     salts = CacheSalts(settings.cache_salt_secret or settings.engine_api_key)
-    gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, queue, quota, salts)
+    gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, quota, salts)
     drain = Drain()
 
     @contextlib.asynccontextmanager
@@ -193,7 +198,7 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
         ledger.start()
         if shared is not None:
             quota.start()
-        await forwarder.engine_health()
+        await engines.check_all()
         try:
             yield
         finally:
@@ -235,15 +240,19 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
 
     @api.get("/ready", responses={503: error})
     async def ready() -> JSONResponse:
-        """Ready when the engine's own /health answers 200 and the gateway is not draining."""
+        """Ready when an engine is healthy and has generated, and the gateway is not draining;
+        the answer says which models are ready (one engine away leaves the others serving)."""
         if drain.active:
             return error_response(ProxyError(503, f"Not ready: draining ({drain.reason}).",
                                              "draining", headers={"Retry-After": "30"}))
-        ok, why = await forwarder.engine_health()
-        if ok:
-            return JSONResponse({"status": "ready"})
-        return error_response(ProxyError(503, f"Not ready: {why}.", "engine_not_ready",
-                                         headers={"Retry-After": "5"}))
+        results = await engines.check_all()
+        refusal = not_ready(results)
+        if refusal is not None:
+            return error_response(refusal)
+        status = "ready" if all(ok for _, ok, _ in results) else "partial"
+        return JSONResponse({"status": status, "engines": [
+            {"models": list(engine.cards), "ready": ok, "why": why}
+            for engine, ok, why in results]})
 
     @api.get("/metrics", response_class=PlainTextResponse, responses={403: error})
     async def prometheus(request: Request) -> PlainTextResponse:

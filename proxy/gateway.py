@@ -31,10 +31,11 @@ from .protocol.errors import (
     limits_unavailable,
     model_not_found,
 )
-from .protocol.models import engine_route, is_models_route, models_answer
+from .protocol.models import is_models_route, models_answer
 from .protocol.routes import Route, api_of, route_for
 from .protocol.salt import SALT_FIELD, CacheSalts, with_cache_salt
 from .protocol.usage import TokenUsage, from_json_body
+from .relay.engines import Engine, Engines, affinity
 from .relay.exchange import Exchange, answer_start, send_answer
 from .relay.forward import (
     Forwarder,
@@ -44,7 +45,7 @@ from .relay.forward import (
     upstream_headers,
 )
 from .settings import ProxySettings
-from .tenancy.admission import FairQueue, QueueFull, Slot, Tenant, Unqueued
+from .tenancy.admission import QueueFull, Slot, Tenant, Unqueued
 from .tenancy.deadlines import deadlines_for
 from .tenancy.ledger import Ledger
 from .tenancy.limits import RateLimiter
@@ -209,14 +210,14 @@ class Gateway:
 
     def __init__(self, settings: ProxySettings, auth: Authenticator, forwarder: Forwarder,
                  limiter: RateLimiter, ledger: Ledger, metrics: Metrics,
-                 queue: FairQueue, quota: QuotaBook, salts: CacheSalts) -> None:
+                 quota: QuotaBook, salts: CacheSalts) -> None:
         self.settings = settings
         self.auth = auth
         self.forwarder = forwarder
+        self.engines: Engines = forwarder.engines
         self.limiter = limiter
         self.ledger = ledger
         self.metrics = metrics
-        self.queue = queue
         self.quota = quota
         self.salts = salts
         self.inflight = 0
@@ -254,14 +255,19 @@ class Gateway:
         body = parse_request(raw, route) if method == "POST" and is_json(headers) else None
         self.check_model(key, path, body)
         await self.admit_rate(key, extra)
-        await self.forwarder.ensure_ready()
+        if is_models_route(path):
+            await self.answer_models(path, key, record, send, extra)
+            return
+        engine = await self.engines.engine_for(
+            body.get("model") if body is not None else None,
+            affinity(key.name, body) if len(self.engines.all) > 1 else b"")
         tenant = Tenant(key.name, key.weight, key.max_concurrent)
-        sequences = self.check_sequences(route, tenant, body)
+        sequences = self.check_sequences(route, engine, tenant, body)
         if body is not None and route.generates and self.settings.default_max_tokens:
-            capped = await self.with_default_cap(route, body)
+            capped = self.with_default_cap(route, engine, body)
             if capped is not None:
                 body, raw = capped, encode(capped)
-        reservation = await self.reserve_quota(key, route, body, len(raw), sequences)
+        reservation = await self.reserve_quota(key, route, engine, body, len(raw), sequences)
         if body is not None and route.salted:  # after the reservation: the salt is no prompt
             salt = self.salts.salt_for(key.name, key.cache_group)
             raw, body = with_cache_salt(body, raw, salt), {**body, SALT_FIELD: salt}
@@ -270,13 +276,14 @@ class Gateway:
             self.metrics.refused.labels(key.name, "capacity").inc()
             raise engine_unavailable("The gateway is at capacity; retry shortly.")
 
-        ex = Exchange(tenant, method, engine_route(path), scope.get("query_string", b""),
+        ex = Exchange(engine, tenant, method, path, scope.get("query_string", b""),
                       upstream_headers(scope["headers"], record.request_id,
                                        self.forwarder.engine_key, json_body=body is not None),
                       raw, deadlines_for(body, route.generates, self.settings),
-                      record, receive, send, answer_headers=extra, allowed_models=key.models,
+                      record, receive, send, answer_headers=extra,
                       route=route, sequences=sequences)
         self.inflight += 1
+        engine.outstanding += 1
         self.metrics.inflight.inc()
         try:
             if body is not None and body.get("stream") is True:
@@ -294,6 +301,7 @@ class Gateway:
                              "too_many_requests", headers={"Retry-After": "1"}) from None
         finally:
             self.inflight -= 1
+            engine.outstanding -= 1
             self.metrics.inflight.dec()
             if record.admitted is not None:  # it reached the engine: it counts in usage
                 self.account(record)
@@ -327,28 +335,44 @@ class Gateway:
                              f"{key.name!r}; retry after {retry}s.", "rate_limit_exceeded",
                              headers={"Retry-After": retry})
 
-    def check_sequences(self, route: Route, tenant: Tenant, body: dict | None) -> int:
+    async def answer_models(self, path: str, key: Key, record: RequestRecord, send,
+                            extra: list) -> None:
+        """``/v1/models`` of every engine, or one model's card: the models (and adapters) the
+        key may use, answered here from what the engines listed."""
+        if not any(engine.ready for engine in self.engines.all):
+            await self.engines.check_all()
+            if not any(engine.ready for engine in self.engines.all):
+                raise engine_unavailable("The engine is not ready; the model may still be "
+                                         "loading.")
+        content = models_answer(path, self.engines.cards(), key.models)
+        record.admitted = time.time()
+        self.account(record)
+        await send_answer(send, record, 200, [*JSON_HEADERS, *extra], content)
+
+    def check_sequences(self, route: Route, engine: Engine, tenant: Tenant,
+                        body: dict | None) -> int:
         """How many sequences the request runs at once (``n``, ``best_of``, a prompt list).
         One that could never get that many engine slots is refused now, not queued for ever."""
         if not route.generates or body is None:
             return 1
         sequences = route.sequences(body)
-        if sequences > 1 and not self.queue.fits(tenant, sequences):
+        queue = engine.queue
+        if sequences > 1 and not queue.fits(tenant, sequences):
             self.metrics.refused.labels(tenant.name, "sequences").inc()
-            most = self.queue.capacity if tenant.max_concurrent is None \
-                else min(self.queue.capacity, tenant.max_concurrent)
+            most = queue.capacity if tenant.max_concurrent is None \
+                else min(queue.capacity, tenant.max_concurrent)
             raise invalid(f"This request asks for {sequences} sequences at once (n, best_of "
                           f"and prompts together); key {tenant.name!r} may run at most {most} "
                           "at once here. Split it into smaller requests.", None,
                           "too_many_sequences")
         return sequences
 
-    async def reserve_quota(self, key: Key, route: Route, body: dict | None, size: int,
-                            sequences: int) -> Reservation | None:
+    async def reserve_quota(self, key: Key, route: Route, engine: Engine, body: dict | None,
+                            size: int, sequences: int) -> Reservation | None:
         """Hold an upper bound of the request's tokens against the key's quota while it runs."""
         if key.quota_tokens is None or not route.generates:
             return None
-        context = await self.forwarder.context_length((body or {}).get("model"))
+        context = engine.context_length((body or {}).get("model"))
         tokens = reservation_for(route, body, size, context, sequences)
         try:
             return await self.quota.reserve(key, tokens, time.time())
@@ -382,10 +406,6 @@ class Gateway:
             raise
         if response.status_code >= 400:
             raise await self.engine_failure(ex, response)
-        if is_models_route(ex.record.route):
-            await ex.answer(200, JSON_HEADERS,
-                            models_answer(ex.record.route, response.content, ex.allowed_models))
-            return
         if response.status_code == 200:
             note_usage(ex.record, from_json_body(response.content))
         await ex.answer(response.status_code, client_headers(response.headers), response.content)
@@ -440,11 +460,11 @@ class Gateway:
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def with_default_cap(self, route: Route, body: dict) -> dict | None:
+    def with_default_cap(self, route: Route, engine: Engine, body: dict) -> dict | None:
         """The body with ``APPLIANCE_DEFAULT_MAX_TOKENS`` when it names no output cap."""
         if not lacks_output_cap(body, route):
             return None
-        context = await self.forwarder.context_length(body.get("model"))
+        context = engine.context_length(body.get("model"))
         return with_output_cap(body, route, output_cap(self.settings.default_max_tokens, context))
 
     async def engine_failure(self, ex: Exchange, response) -> ProxyError:
@@ -458,7 +478,7 @@ class Gateway:
         log.info("engine answered %d on %s (request %s): %s", response.status_code,
                  ex.record.route, ex.record.request_id, response.content[:2000])
         if response.status_code >= 500:
-            healthy, why = await self.forwarder.engine_health()
+            healthy, why = await self.engines.check(ex.engine)
             if not healthy:
                 return engine_unavailable(f"The engine failed and its health check fails too "
                                           f"({why}); retry shortly.")
@@ -469,7 +489,7 @@ class Gateway:
         """Generation waits its key's fair turn for an engine slot a sequence; other routes go
         straight. Either way the request's record notes when it reached the engine."""
         if ex.route.generates:
-            return self.queue.slot(ex.tenant, ex.record, ex.sequences)
+            return ex.engine.queue.slot(ex.tenant, ex.record, ex.sequences)
         return Unqueued(ex.record)
 
     async def end_stream(self, ex: Exchange, err: ProxyError) -> None:

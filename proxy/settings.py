@@ -46,6 +46,10 @@ class ProxySettings(BaseSettings):
 
     engine_url: str = "http://127.0.0.1:8000"
     """Where vLLM's OpenAI server listens; loopback only."""
+    engine_urls: str = ""
+    """Several engines (one a model replica, as the placement plan starts them), comma-separated;
+    the gateway asks each which models it serves and routes by ``model``. Empty: ``engine_url``
+    alone."""
     engine_api_key: str = ""
     """The engine's internal key (vLLM ``--api-key``), sent in place of the client's key."""
     cache_salt_secret: str = ""
@@ -123,6 +127,11 @@ class ProxySettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """``APPLIANCE_DEFAULT_MAX_TOKENS=`` in the env file means no default."""
         return None if value == "" else value
+
+    @property
+    def engine_endpoints(self) -> list[str]:
+        urls = [url.strip() for url in self.engine_urls.split(",") if url.strip()]
+        return urls or [self.engine_url]
 
     @property
     def keys_location(self) -> str | Path:

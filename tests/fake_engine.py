@@ -349,6 +349,7 @@ def embeddings_body(request: dict) -> dict:
 
 
 def main() -> None:
+    global MODEL
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -356,7 +357,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default="")
     parser.add_argument("--ready-after", type=float, default=0.0)
+    parser.add_argument("--model", default=MODEL, help="the served model name")
     args = parser.parse_args()
+    MODEL = args.model
     app = FakeEngine(api_key=args.api_key, ready_after=args.ready_after)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 loop="uvloop", http="httptools", access_log=False)

@@ -1,8 +1,9 @@
 """Pure: the engine's model list -> what a client may see of it.
 
 vLLM's ``/v1/models`` names the model's directory on the server in ``root``: no file system
-path leaves the box. vLLM has no ``/v1/models/{id}``; OpenAI has, so it is answered from the
-list. ``allowed`` narrows the list to the models a key may use (None: all of them).
+path leaves the box. The gateway answers both routes itself from what every engine listed
+(``relay.engines``): vLLM has no ``/v1/models/{id}``; OpenAI has. ``allowed`` narrows the
+list to the models a key may use (None: all of them).
 """
 
 import json
@@ -17,11 +18,6 @@ ONE_PREFIX = "/v1/models/"
 
 def is_models_route(path: str) -> bool:
     return path == LIST_ROUTE or path.startswith(ONE_PREFIX)
-
-
-def engine_route(path: str) -> str:
-    """The engine has only the list: ``/v1/models/{id}`` is answered from it."""
-    return LIST_ROUTE if is_models_route(path) else path
 
 
 def public_model(model: dict) -> dict:

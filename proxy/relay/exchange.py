@@ -14,6 +14,7 @@ from ..observe.accesslog import RequestRecord
 from ..protocol.routes import CHAT, Route
 from ..tenancy.admission import Tenant
 from ..tenancy.deadlines import Deadlines
+from .engines import Engine
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -38,6 +39,8 @@ async def send_answer(send: Send, record: RequestRecord, status: int, headers: H
 
 @dataclass(slots=True, eq=False)
 class Exchange:
+    engine: Engine
+    """The engine it goes to (``Engines.engine_for``): its pool, its slots."""
     tenant: Tenant
     """The key it runs under, as fair admission sees it."""
     method: str
@@ -53,8 +56,6 @@ class Exchange:
     send: Send
     answer_headers: Headers = field(default_factory=list)
     """Added to every answer the client gets, errors included (``x-ratelimit-*``)."""
-    allowed_models: frozenset[str] | None = None
-    """The served models the key may use and see; None: every one."""
     strip_final_usage: bool = False
     """The gateway asked a stream for usage on the client's behalf: drop the usage-only chunk."""
     strip_chunk_usage: bool = False

@@ -20,8 +20,9 @@ import httpx
 from ..protocol.engine_errors import STREAM_ERROR, stream_errors
 from ..protocol.errors import ProxyError, engine_unavailable
 from ..protocol.usage import TokenUsage, cut_usage, usage_of
+from .engines import Engines
 from .exchange import Exchange
-from .transport import EngineAnswer, EngineTransport
+from .transport import EngineAnswer
 
 HOP_BY_HOP = frozenset(
     {
@@ -43,8 +44,6 @@ CONTENT_DELTA = b"event: content_block_delta"
 MESSAGE_DELTA = b"event: message_delta"
 # Reads are bounded by the request's own deadlines, which the gateway arms around each call.
 CONNECT_TIMEOUT_S = 5.0
-HEALTH_READ_TIMEOUT_S = 2.0
-HEALTH_RECHECK_S = 0.5
 
 
 def quote_path(path: str) -> bytes:
@@ -152,83 +151,33 @@ class StreamOutcome:
 
 
 class Forwarder:
-    """Requests to the engine over one shared pool (``EngineTransport.send``).
+    """Requests to an engine over its shared pool (``EngineTransport.send``); which engine is
+    the exchange's (``Exchange.engine``, chosen by ``Engines.engine_for``).
 
     httpx's ``AsyncClient`` and its Request and Response objects are skipped on purpose:
     cookies, redirects, auth flows, URL parsing and header normalisation cost about half of a
     small request's CPU in profiles and mean nothing between the gateway and vLLM.
     """
 
-    def __init__(self, engine_url: str, engine_key: str, on_error: Callable[[str], None]) -> None:
-        self.base = httpx.URL(engine_url)
-        if self.base.scheme != "http":
-            raise ValueError("the engine is reached over plain HTTP on loopback")
-        self.engine_key = engine_key
+    def __init__(self, engines: Engines, on_error: Callable[[str], None]) -> None:
+        self.engines = engines
+        self.engine_key = engines.engine_key
         self.on_error = on_error
-        self.transport = EngineTransport(self.base.host, self.base.port or 80)
-        self.engine_ready = False
-        self.checked_at = 0.0
-        self.contexts: dict[str, int] = {}
 
     async def close(self) -> None:
-        await self.transport.aclose()
+        await self.engines.close()
 
     def _send(self, ex: Exchange) -> Awaitable[EngineAnswer]:
         target = quote_path(ex.path) + (b"?" + ex.query if ex.query else b"")
-        return self.transport.send(ex.method.encode(), target, ex.upstream_headers, ex.content,
-                                   CONNECT_TIMEOUT_S, None)
+        return ex.engine.transport.send(ex.method.encode(), target, ex.upstream_headers,
+                                        ex.content, CONNECT_TIMEOUT_S, None)
 
-    def _get(self, path: bytes, request_id: str) -> Awaitable[EngineAnswer]:
-        headers = upstream_headers([], request_id, self.engine_key, json_body=False)
-        return self.transport.send(b"GET", path, headers, b"", CONNECT_TIMEOUT_S,
-                                   HEALTH_READ_TIMEOUT_S)
-
-    async def engine_health(self) -> tuple[bool, str]:
-        """Ask the engine's ``/health`` now; the answer also updates the readiness gate."""
-        self.checked_at = time.monotonic()
-        try:
-            response = await self._get(b"/health", "health")
-            await response.aread()
-        except httpx.HTTPError as exc:
-            self.engine_ready = False
-            return False, f"the engine is not reachable ({type(exc).__name__}); it may be loading"
-        self.engine_ready = response.status_code == 200
-        if self.engine_ready:
-            return True, "the engine is healthy"
-        return False, f"the engine reports {response.status_code}; the model may be loading"
-
-    async def context_length(self, model: str | None) -> int | None:
-        """The model's context length (prompt + completion) from the engine's model list."""
-        if model in self.contexts:
-            return self.contexts[model]
-        try:
-            response = await self._get(b"/v1/models", "models")
-            await response.aread()
-            cards = response.json().get("data", []) if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return None
-        for card in cards:
-            if isinstance(card, dict) and isinstance(card.get("max_model_len"), int):
-                self.contexts[card.get("id")] = card["max_model_len"]
-        if model is None and len(self.contexts) == 1:
-            return next(iter(self.contexts.values()))
-        return self.contexts.get(model)
-
-    async def ensure_ready(self) -> None:
-        """Refuse early, with ``Retry-After``, while the engine is down or loading."""
-        if self.engine_ready:
-            return
-        if time.monotonic() - self.checked_at >= HEALTH_RECHECK_S:
-            await self.engine_health()
-        if not self.engine_ready:
-            raise engine_unavailable("The engine is not ready; the model may still be loading.")
-
-    def _failure(self, exc: httpx.HTTPError) -> ProxyError:
+    def _failure(self, exc: httpx.HTTPError, ex: Exchange) -> ProxyError:
         """The client's error for a failed exchange with the engine; the cause goes to the log
         (the client gets only the kind of failure)."""
         log.warning("engine exchange failed: %s: %s", type(exc).__name__, exc)
         if isinstance(exc, httpx.ConnectError):
-            self.engine_ready = False
+            ex.engine.ready = False  # it must be healthy and generate again before it serves
             self.on_error("connect")
             return engine_unavailable("The engine is not accepting connections.")
         self.on_error("transport")
@@ -242,7 +191,7 @@ class Forwarder:
             await response.aread()
             return response
         except httpx.HTTPError as exc:
-            raise self._failure(exc) from None
+            raise self._failure(exc, ex) from None
         finally:
             if response is not None:
                 await response.aclose()
@@ -252,7 +201,7 @@ class Forwarder:
         try:
             return await self._send(ex)
         except httpx.HTTPError as exc:
-            raise self._failure(exc) from None
+            raise self._failure(exc, ex) from None
 
     async def relay(self, ex: Exchange, response: EngineAnswer, deadline: asyncio.Timeout,
                     outcome: StreamOutcome) -> None:
@@ -275,7 +224,7 @@ class Forwarder:
                 try:
                     chunk = await next_chunk()
                 except httpx.HTTPError as exc:
-                    outcome.error = self._failure(exc)
+                    outcome.error = self._failure(exc, ex)
                     break
                 if not chunk:
                     break

@@ -139,7 +139,8 @@ def test_engine_errors_keep_their_message_in_openai_vocabulary(gw):
 
 
 def test_engine_404_names_the_route_like_openai(gw):
-    response = httpx.post(gw.url + "/v1/rerank", headers=gw.headers(), json={"model": "m"})
+    response = httpx.post(gw.url + "/v1/rerank", headers=gw.headers(),
+                          json={"model": "fake-model"})
     assert response.status_code == 404
     error = error_of(response)
     assert error["type"] == "not_found_error" and error["code"] == "not_found"
