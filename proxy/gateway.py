@@ -261,6 +261,9 @@ class Gateway:
         engine = await self.engines.engine_for(
             body.get("model") if body is not None else None,
             affinity(key.name, body) if len(self.engines.all) > 1 else b"")
+        record.engine = engine.name
+        record.model = (body.get("model") or "") if body is not None else ""
+        self.metrics.engine_requests.labels(engine.name, record.model).inc()
         tenant = Tenant(key.name, key.weight, key.max_concurrent)
         sequences = self.check_sequences(route, engine, tenant, body)
         if body is not None and route.generates and self.settings.default_max_tokens:

@@ -29,6 +29,9 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     """Of the prompt tokens, those the engine's prefix cache held (0: none, or not reported)."""
+    model: str = ""
+    engine: str = ""
+    """Which model it asked for and which engine (its loopback address) served it."""
     error: str = ""
     arrived: float = 0.0
     """When it came, on the wall clock (``started`` is monotonic, for its duration) ..."""
@@ -98,6 +101,8 @@ def write(record: RequestRecord, duration_s: float) -> None:
         line += f', "queued_ms": {(record.queued - record.arrived) * 1000:.3f}'
     if record.admitted is not None:
         line += f', "admitted_ms": {(record.admitted - record.arrived) * 1000:.3f}'
+    if record.engine:
+        line += f', "model": {dumps(record.model)}, "engine": {dumps(record.engine)}'
     if record.cached_tokens:
         line += f', "cached_tokens": {record.cached_tokens:d}'
     if record.error:

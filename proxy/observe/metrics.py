@@ -67,6 +67,9 @@ class Metrics:
             "appliance_prompt_cached_tokens_total",
             "Prompt tokens the engine's prefix cache already held (its cache is per key or"
             " cache group).", ["key"])
+        self.engine_requests = counter(
+            "appliance_engine_requests_total",
+            "Requests sent to each engine, by the model asked for.", ["engine", "model"])
         self.inflight = gauge("appliance_requests_in_flight",
                               "Requests forwarded to the engine and not yet finished.")
         self.upstream_errors = counter("appliance_upstream_errors_total",

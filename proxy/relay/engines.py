@@ -58,6 +58,11 @@ class Engine:
     outstanding: int = 0
     """Requests sent to it and not finished: what the replica choice balances."""
 
+    @property
+    def name(self) -> str:
+        """How metrics and the access log name it: its loopback address."""
+        return self.url.removeprefix("http://")
+
     def serves(self, model: str) -> bool:
         return model in self.cards
 
