@@ -179,6 +179,15 @@ def test_oversize_body_gets_413_json_from_nginx(client, gw):
     assert_security_headers(response)
 
 
+def test_nginx_own_errors_on_anthropic_routes_take_anthropics_shape(client, gw):
+    body = b'{"messages": "' + b"x" * (16 * 1024 * 1024) + b'"}'
+    response = client.post("/v1/messages", content=body, headers={"x-api-key": gw.key("edge")})
+    assert response.status_code == 413
+    assert response.json() == {"type": "error", "error": {
+        "type": "request_too_large", "message": "Request body too large."}}
+    assert_security_headers(response)
+
+
 def test_body_just_under_the_limit_reaches_the_proxy(client, gw):
     prompt = "x " * (8 * 1024 * 1024 - 1024)
     response = client.post(
