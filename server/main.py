@@ -19,9 +19,17 @@ from server.cluster import ray_argv
 from server.gpus import describe, detect_gpus
 from server.host_memory import available_memory_bytes
 from server.internal_key import KeyFileError, ensure_internal_key
-from server.model import ModelError, fetch_model, read_model_info
+from server.model import (
+    ModelError,
+    fetch_model,
+    local_model_dir,
+    read_model_info,
+    read_model_shape,
+)
+from server.models_file import ModelsFileError, model_specs
+from server.placement import place_models, render_plan
 from server.plan import choose_device, plan_engine
-from server.settings import env_file_path, load_settings
+from server.settings import EngineSettings, env_file_path, load_settings
 from server.vllm_build import installed_vllm
 
 EXIT_PREFLIGHT = 2
@@ -41,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fetch the model and print the plan and vLLM's command; start nothing",
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print where every model of the models file would run (replicas, GPUs, ports, "
+        "tensor parallel size, memory fraction) and why; fetch and start nothing",
+    )
     args = parser.parse_args(argv)
 
     env_file = env_file_path()
@@ -49,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         say(f"invalid settings: {exc}")
         return EXIT_PREFLIGHT
+    if args.plan:
+        return show_plan(settings)
 
     gpus, build = detect_gpus(), installed_vllm()
     say(f"found {describe(gpus)}; vLLM build: {build}")
@@ -98,6 +114,42 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     os.execve(command[0], command, engine_env(plan, api_key, os.environ))
     return 1  # not reached: execve replaces this process
+
+
+def show_plan(settings: EngineSettings) -> int:
+    """``--plan``: every model's placement on this host, printed; 0 when it can start, else 2.
+
+    It reads the models' ``config.json`` and weight sizes where they already are (a local
+    directory, or a complete copy in the model cache) and fetches nothing."""
+    try:
+        specs, why = model_specs(settings)
+    except ModelsFileError as exc:
+        for error in exc.errors:
+            say(f"cannot start: {error}")
+        return EXIT_PREFLIGHT
+    say(why)
+    if settings.node_role != "single":
+        say(f"cannot start: --plan places models on one node, and APPLIANCE_NODE_ROLE is "
+            f"{settings.node_role}: use --dry-run")
+        return EXIT_PREFLIGHT
+    gpus, build = detect_gpus(), installed_vllm()
+    say(f"found {describe(gpus)}; vLLM build: {build}")
+    models, unread = [], []
+    for spec in specs:
+        try:
+            path = local_model_dir(spec.source, settings.model_cache)
+            models.append((spec, read_model_shape(path, spec.settings.dtype)))
+        except ModelError as exc:
+            unread.append(f"{spec.name}: {exc}")
+    for error in unread:
+        say(f"cannot start: {error}")
+    if unread:
+        return EXIT_PREFLIGHT
+    plan = place_models(models, gpus, build, device=settings.device,
+                        first_port=settings.engine_port,
+                        available_memory=available_memory_bytes())
+    print(render_plan(plan), flush=True)
+    return 0 if plan.ok else EXIT_PREFLIGHT
 
 
 if __name__ == "__main__":

@@ -58,6 +58,24 @@ def cache_dir_for(source: ModelSource, cache: Path) -> Path:
     return cache / "huggingface" / source.location.replace("/", "--")
 
 
+def local_model_dir(spec: str, cache: Path) -> Path:
+    """Where the model already is, fetching nothing: its directory, or its complete copy in
+    the cache; a remote model not fetched yet is an error that says so."""
+    source = parse_source(spec)
+    if source.kind == "local":
+        path = Path(source.location)
+        if not path.is_dir():
+            raise ModelError(f"model directory {path} does not exist")
+        return path
+    dest = cache_dir_for(source, cache)
+    if not (dest / COMPLETE_MARKER).is_file():
+        raise ModelError(
+            f"{spec} is not fetched yet (into {dest}): the plan needs its config.json and "
+            "weight sizes; start the engine once, or copy the model there"
+        )
+    return dest
+
+
 def fetch_model(spec: str, cache: Path) -> Path:
     """The model's local directory, copying it into ``cache`` first when it is remote."""
     source = parse_source(spec)
@@ -152,6 +170,21 @@ def _fetch_s3_object(s3, bucket: str, key: str, size: int, target: Path, bar: tq
 
 def read_model_info(path: Path) -> ModelInfo:
     """Heads, context limit and weight size, read from the files vLLM will load."""
+    config = read_config(path)
+    text = config.get("text_config") or config
+    heads = attention_heads(text, path / "config.json")
+    return ModelInfo(
+        path=path,
+        num_attention_heads=heads,
+        num_key_value_heads=text.get("num_key_value_heads") or heads,
+        max_position_embeddings=context_limit(text),
+        weight_bytes=weight_bytes(path),
+        architectures=tuple(a for a in config.get("architectures") or () if isinstance(a, str)),
+        chat_template=chat_templates(path),
+    )
+
+
+def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
@@ -159,27 +192,26 @@ def read_model_info(path: Path) -> ModelInfo:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{config_file} is not valid JSON: {exc}") from exc
-    text = config.get("text_config") or config
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file} is not a JSON object")
+    return config
+
+
+def attention_heads(text: dict, where: object) -> int:
     heads = text.get("num_attention_heads") or text.get("n_head")
     if not isinstance(heads, int) or heads < 1:
-        raise ModelError(f"{config_file} does not say how many attention heads the model has")
-    kv_heads = text.get("num_key_value_heads") or heads
-    max_len = next(
+        raise ModelError(f"{where} does not say how many attention heads the model has")
+    return heads
+
+
+def context_limit(text: dict) -> int | None:
+    return next(
         (
             text[k]
             for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
             if isinstance(text.get(k), int)
         ),
         None,
-    )
-    return ModelInfo(
-        path=path,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_len,
-        weight_bytes=weight_bytes(path),
-        architectures=tuple(a for a in config.get("architectures") or () if isinstance(a, str)),
-        chat_template=chat_templates(path),
     )
 
 
@@ -206,3 +238,86 @@ def weight_bytes(path: Path) -> int:
     """Bytes of weights: the safetensors files (headers are tiny), else PyTorch ``.bin`` files."""
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     return sum(f.stat().st_size for f in files)
+
+
+SIXTEEN_BIT = {"float16", "half", "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What placement needs to know of a model: the bytes it holds and what its KV cache costs.
+
+    Multi-head latent attention (DeepSeek's compressed KV) is not modelled: such a model is
+    sized as if it kept every KV head, which overstates its cache.
+    """
+
+    weight_bytes: int
+    """In GPU memory: the checkpoint's files, halved for a float32 checkpoint that vLLM
+    downcasts to 16 bits."""
+    attention_heads: int
+    kv_heads: int
+    layers: int
+    head_dim: int
+    dtype_bytes: int
+    """Of the KV cache: the dtype vLLM runs the model in."""
+    context: int
+    """The longest sequence the model takes (``max_position_embeddings``)."""
+    sliding_window: int | None = None
+    sliding_layers: int = 0
+    """Layers attending to the last ``sliding_window`` tokens only, which cache no more."""
+
+    def kv_bytes(self, sequences: int, tokens: int, tensor_parallel_size: int = 1) -> int:
+        """The KV cache one rank holds for ``sequences`` of ``tokens`` each: K and V of its
+        share of the KV heads (one at least: vLLM replicates them over more ranks than heads)."""
+        heads = max(1, self.kv_heads // tensor_parallel_size)
+        per_layer_token = 2 * heads * self.head_dim * self.dtype_bytes
+        full = self.layers - self.sliding_layers
+        windowed = min(tokens, self.sliding_window or tokens)
+        return sequences * per_layer_token * (full * tokens + self.sliding_layers * windowed)
+
+
+def shape_from_config(config: dict, weight_bytes: int, dtype: str = "auto") -> ModelShape:
+    """A model's shape from its ``config.json`` (the text model's, for a multimodal one), the
+    size of its weight files and the ``--dtype`` vLLM runs it in.
+
+    vLLM's ``auto`` dtype takes the checkpoint's, except that a float32 checkpoint runs in 16
+    bits; that halves its weights in memory too."""
+    text = config.get("text_config") or config
+    heads = attention_heads(text, "config.json")
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(text.get(k), int)), None)
+    if not layers:
+        raise ModelError("config.json does not say how many layers the model has")
+    hidden = next((text[k] for k in ("hidden_size", "n_embd", "d_model")
+                   if isinstance(text.get(k), int)), None)
+    head_dim = text.get("head_dim") or (hidden // heads if hidden else None)
+    if not isinstance(head_dim, int):
+        raise ModelError("config.json gives neither head_dim nor hidden_size")
+    context = context_limit(text)
+    if not context:
+        raise ModelError("config.json does not say how long a sequence the model takes")
+    stored = str(text.get("torch_dtype") or config.get("torch_dtype")
+                 or text.get("dtype") or config.get("dtype") or "bfloat16")
+    runs_in = stored if dtype == "auto" else dtype
+    if runs_in in ("float32", "float") and dtype == "auto":
+        runs_in = "bfloat16"
+    if stored == "float32" and runs_in in SIXTEEN_BIT:
+        weight_bytes //= 2
+    window = text.get("sliding_window")
+    layer_types = text.get("layer_types") or ()
+    sliding = sum(1 for t in layer_types if t == "sliding_attention") if window else 0
+    return ModelShape(
+        weight_bytes=weight_bytes,
+        attention_heads=heads,
+        kv_heads=text.get("num_key_value_heads") or heads,
+        layers=layers,
+        head_dim=head_dim,
+        dtype_bytes=4 if runs_in in ("float32", "float") else 2,
+        context=context,
+        sliding_window=window if sliding else None,
+        sliding_layers=sliding,
+    )
+
+
+def read_model_shape(path: Path, dtype: str = "auto") -> ModelShape:
+    return shape_from_config(read_config(path), weight_bytes(path), dtype)

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE = Path("/etc/appliance/appliance.env")
+MODELS_FILE = Path("/etc/appliance/models.toml")
 
 
 def env_file_path() -> Path:
@@ -41,6 +42,9 @@ class EngineSettings(BaseSettings):
     """The name clients put in ``"model"``; the Hugging Face id or directory name when empty."""
     model_cache: Path = Path("/var/lib/appliance/models")
     """Where fetched models are stored; a complete fetch is never repeated."""
+    models_file: Path = MODELS_FILE
+    """More than one model on the host: one ``[[models]]`` table each (TOML; see
+    ``server/models.example.toml``); when the file is absent, ``model`` is the one model."""
 
     device: Literal["auto", "gpu", "cpu"] = "auto"
     """``auto`` uses the GPUs when there are any, else vLLM's CPU build when installed."""

@@ -11,10 +11,13 @@ from server.model import (
     COMPLETE_MARKER,
     ModelError,
     ModelSource,
+    cache_dir_for,
     fetch_model,
+    local_model_dir,
     local_path_for_key,
     parse_source,
     read_model_info,
+    shape_from_config,
     split_s3_url,
 )
 from tests.servers import VENV_BIN, free_port, running
@@ -206,3 +209,30 @@ def test_kv_heads_default_to_attention_heads(tmp_path):
 def test_directory_without_config_is_an_error(tmp_path: Path):
     with pytest.raises(ModelError, match=r"no config\.json"):
         read_model_info(tmp_path)
+
+
+def test_shape_reads_the_text_model_and_the_dtype_vllm_runs_in():
+    config = {"architectures": ["LlavaForConditionalGeneration"], "torch_dtype": "float32",
+              "text_config": {"num_attention_heads": 32, "num_key_value_heads": 8,
+                              "num_hidden_layers": 32, "hidden_size": 4096,
+                              "max_position_embeddings": 4096}}
+    auto = shape_from_config(config, 1000)
+    assert (auto.head_dim, auto.kv_heads, auto.context) == (128, 8, 4096)
+    assert (auto.dtype_bytes, auto.weight_bytes) == (2, 500)  # float32 runs in 16 bits
+    full = shape_from_config(config, 1000, dtype="float32")
+    assert (full.dtype_bytes, full.weight_bytes) == (4, 1000)
+    assert full.kv_bytes(2, 10) == 2 * (2 * 8 * 128 * 4) * 32 * 10
+
+
+def test_shape_refuses_a_config_without_layers():
+    with pytest.raises(ModelError, match="how many layers"):
+        shape_from_config({"num_attention_heads": 4, "max_position_embeddings": 16}, 1)
+
+
+def test_a_remote_model_not_in_the_cache_is_not_fetched_for_the_plan(tmp_path):
+    with pytest.raises(ModelError, match="org/model is not fetched yet"):
+        local_model_dir("org/model", tmp_path)
+    done = cache_dir_for(parse_source("org/model"), tmp_path)
+    done.mkdir(parents=True)
+    (done / COMPLETE_MARKER).write_text("org/model\n")
+    assert local_model_dir("org/model", tmp_path) == done

@@ -1,0 +1,102 @@
+"""``appliance-engine --plan`` against two tiny models on disk: what each replica would get.
+
+The models are real directories written by ``scripts/make_tiny_model.py`` (it needs the
+engine's virtualenv: ``make engine-venv``, or ``ENGINE_VENV`` pointing at one); the host is
+stood in for where it matters (vLLM's CPU build and 16 GiB free, or four GPUs).
+"""
+
+import pytest
+
+from server import main as launcher
+from server.gpus import Gpu
+from tests.e2e.engine_stack import ENGINE_BIN, make_tiny_model
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    if not (ENGINE_BIN / "python").exists():
+        pytest.skip(f"no engine virtualenv at {ENGINE_BIN.parent}: run `make engine-venv`")
+    root = tmp_path_factory.mktemp("models")
+    return [make_tiny_model(root / f"tiny-{seed}", seed=seed) for seed in (0, 1)]
+
+
+@pytest.fixture
+def host(monkeypatch, tmp_path, tiny_models):
+    """A CPU host with a models file naming both tiny models; nothing else configured."""
+    for name in ("APPLIANCE_MODEL", "APPLIANCE_ENGINE_PORT", "APPLIANCE_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(
+        f'[[models]]\nname = "chat"\nsource = "{tiny_models[0]}"\nmax_model_len = 1024\n\n'
+        f'[[models]]\nname = "other"\nsource = "{tiny_models[1]}"\nreplicas = "auto"\n'
+    )
+    monkeypatch.setenv("APPLIANCE_ENV_FILE", str(tmp_path / "absent.env"))
+    monkeypatch.setenv("APPLIANCE_MODELS_FILE", str(models_file))
+    monkeypatch.setattr(launcher, "detect_gpus", list)
+    monkeypatch.setattr(launcher, "installed_vllm", lambda: "cpu")
+    monkeypatch.setattr(launcher, "available_memory_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(launcher, "fetch_model", pytest.fail)
+    monkeypatch.setattr(launcher.os, "execve", pytest.fail)
+    return monkeypatch
+
+
+def test_two_tiny_models_on_cpu_get_one_replica_each_on_consecutive_ports(host, capsys):
+    assert launcher.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "device: cpu\n"
+        "chat (generate): tensor parallel size 1, 1 replica\n"
+        "  replica 0: port 8000, CPU, KV cache "
+    )
+    assert "other (generate): tensor parallel size 1, 1 replica\n  replica 0: port 8001, CPU" in out
+    assert "other: replicas = 'auto' asked for; on CPU every model runs one replica" in out
+
+
+def test_the_same_models_on_four_gpus(host, capsys):
+    host.setattr(launcher, "installed_vllm", lambda: "gpu")
+    host.setattr(launcher, "detect_gpus", lambda: [Gpu(i, "L4", 22 * GIB) for i in range(4)])
+    host.setenv("APPLIANCE_ENGINE_PORT", "9000")
+    assert launcher.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    # "chat" asks for one replica; "other", replicas "auto", takes the GPUs left
+    assert "chat (generate): tensor parallel size 1, 1 replica\n" \
+           "  replica 0: port 9000, GPU 0, memory fraction 0.90\n" in out
+    assert "other (generate): tensor parallel size 1, 3 replicas\n" \
+           "  replica 0: port 9001, GPU 1, memory fraction 0.90\n" \
+           "  replica 1: port 9002, GPU 2, memory fraction 0.90\n" \
+           "  replica 2: port 9003, GPU 3, memory fraction 0.90\n" in out
+
+
+def test_appliance_model_alone_is_a_one_model_plan(host, tiny_models, tmp_path, capsys):
+    host.setenv("APPLIANCE_MODELS_FILE", str(tmp_path / "absent.toml"))
+    host.setenv("APPLIANCE_MODEL", str(tiny_models[0]))
+    assert launcher.main(["--plan"]) == 0
+    captured = capsys.readouterr()
+    assert "tiny-0 (generate): tensor parallel size 1, 1 replica\n  replica 0: port 8000, CPU" \
+        in captured.out
+    assert "there is no models file" in captured.err
+
+
+def test_a_bad_models_file_exits_2_naming_the_model_and_key(host, tmp_path, capsys):
+    (tmp_path / "models.toml").write_text('[[models]]\nname = "m"\nsource = "/m"\nreplica = 2\n')
+    assert launcher.main(["--plan"]) == launcher.EXIT_PREFLIGHT
+    assert "cannot start: " in (err := capsys.readouterr().err)
+    assert "model 'm': unknown key 'replica' (did you mean 'replicas'?)" in err
+
+
+def test_a_remote_model_not_fetched_yet_is_named_not_fetched(host, tmp_path, capsys):
+    (tmp_path / "models.toml").write_text('[[models]]\nname = "m"\nsource = "org/model"\n')
+    host.setenv("APPLIANCE_MODEL_CACHE", str(tmp_path / "cache"))
+    assert launcher.main(["--plan"]) == launcher.EXIT_PREFLIGHT
+    err = capsys.readouterr().err
+    assert "cannot start: m: org/model is not fetched yet" in err
+
+
+def test_models_that_do_not_fit_exit_2_with_the_plan_and_the_numbers(host, capsys):
+    host.setattr(launcher, "installed_vllm", lambda: "gpu")
+    host.setattr(launcher, "detect_gpus", lambda: [Gpu(0, "tiny", GIB)])
+    assert launcher.main(["--plan"]) == launcher.EXIT_PREFLIGHT
+    out = capsys.readouterr().out
+    assert "cannot start:\n  chat: its weights" in out
