@@ -155,14 +155,20 @@ def test_security_snippet_sets_every_header_always():
         assert re.search(rf"^add_header {name} .* always;$", text, re.M), name
 
 
-def test_json_error_pages_are_openai_shaped():
+def test_json_error_pages_are_openai_shaped_and_anthropics_on_its_routes():
     text = rendered()["snippets/json-errors.conf"]
     bodies = re.findall(r"return (\d+) '(.*)\\n';", text)
     statuses = {int(code) for code, _ in bodies}
     assert {400, 403, 404, 405, 413, 429, 502, 503, 504} <= statuses
-    for _, body in bodies:
-        error = json.loads(body)["error"]
-        assert set(error) == {"message", "type", "param", "code"}
+    anthropic = set()
+    for code, body in bodies:
+        answer = json.loads(body)
+        if answer.get("type") == "error":
+            assert set(answer["error"]) == {"type", "message"}
+            anthropic.add(int(code))
+        else:
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert {413, 429, 502, 503, 504} <= anthropic
 
 
 def test_tls_is_modern_only():
