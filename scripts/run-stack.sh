@@ -10,8 +10,10 @@
 # All state lives in APPLIANCE_RUN_DIR (.run/): settings, key store, demo key, certificate,
 # rendered site, logs, pid files. Ports: APPLIANCE_RUN_HTTPS_PORT (8443), APPLIANCE_RUN_HTTP_PORT
 # (8081), APPLIANCE_RUN_PROXY_PORT (8090; worker i of APPLIANCE_PROXY_WORKERS on 8090 + i),
-# APPLIANCE_RUN_ENGINE_PORT (8000). Set APPLIANCE_MODEL
-# to serve another model; any other APPLIANCE_* variable reaches the engine and the gateway.
+# APPLIANCE_RUN_ENGINE_PORT (8000). Set APPLIANCE_MODEL to serve another model, or
+# APPLIANCE_MODELS_FILE=FILE to serve every model of a models file (one engine a replica, on
+# consecutive ports from the engine port, as `appliance-engine --plan` shows); any other
+# APPLIANCE_* variable reaches the engines and the gateway.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,6 +30,7 @@ ready_timeout=${APPLIANCE_RUN_READY_TIMEOUT:-900}
 pids=$run_dir/pids
 logs=$run_dir/logs
 services=(engine proxy nginx)
+models_file=""
 
 say() { echo "run-stack: $*" >&2; }
 
@@ -53,7 +56,14 @@ stop_service() {  # stop_service NAME: SIGTERM its process group, SIGKILL after 
 
 stop_all() {
     # Front to back, so no new request reaches a stopping engine.
-    for name in nginx proxy engine; do stop_service "$name"; done
+    local file
+    for name in nginx proxy; do stop_service "$name"; done
+    for file in "$pids"/engine*.pid; do
+        [ -e "$file" ] || continue
+        name=${file##*/}
+        stop_service "${name%.pid}"
+    done
+    rm -f "$pids"/*.gone
 }
 
 stop_command() {
@@ -153,6 +163,23 @@ wait_for() {  # wait_for WHAT CURL-ARGS...: until the URL answers 200, or a serv
     done
 }
 
+start_replicas() {  # one engine a replica of the models file's plan, and the gateway told of all
+    local listing index name port urls=""
+    listing=$("$engine_venv/bin/appliance-engine" --list-replicas) || {
+        say "the models file's plan does not start; see: $engine_venv/bin/appliance-engine --plan"
+        exit 1
+    }
+    services=(proxy nginx)
+    while read -r index name port; do
+        say "starting engine $index: $name on 127.0.0.1:$port (vLLM; loading takes a while)"
+        start "engine-$index" "$engine_venv/bin/appliance-engine" --replica "$index"
+        services+=("engine-$index")
+        urls+=${urls:+,}http://127.0.0.1:$port
+    done <<<"$listing"
+    export APPLIANCE_ENGINE_URLS=$urls
+    say "starting the gateway and NGINX; logs in $logs"
+}
+
 up() {
     if alive "$pids/stack.pid"; then
         say "a stack from this checkout is already running (pid $(cat "$pids/stack.pid")); \`make stop\` first"
@@ -167,7 +194,11 @@ up() {
     trap 'stop_all; rm -f "$pids/stack.pid"' EXIT
 
     local model=${APPLIANCE_MODEL:-}
-    if [ -z "$model" ]; then
+    if [ -n "${APPLIANCE_MODELS_FILE:-}" ]; then
+        models_file=$(cd "$(dirname "$APPLIANCE_MODELS_FILE")" && pwd)/$(basename "$APPLIANCE_MODELS_FILE")
+        [ -s "$models_file" ] || { say "no models file at $APPLIANCE_MODELS_FILE"; exit 1; }
+        export APPLIANCE_MODELS_FILE=$models_file
+    elif [ -z "$model" ]; then
         model=$run_dir/tiny-model
         if [ ! -s "$model/config.json" ]; then
             say "generating the tiny test model in $model"
@@ -190,7 +221,7 @@ up() {
     # shellcheck source=/dev/null
     . "$run_dir/appliance.env"
     set +a
-    export APPLIANCE_MODEL=$model
+    [ -n "$models_file" ] || export APPLIANCE_MODEL=$model
     export APPLIANCE_MODEL_CACHE=${APPLIANCE_MODEL_CACHE:-$run_dir/models}
     export APPLIANCE_ENGINE_HOST=127.0.0.1 APPLIANCE_ENGINE_PORT=$engine_port
     export APPLIANCE_ENGINE_URL=http://127.0.0.1:$engine_port
@@ -206,8 +237,12 @@ up() {
         --access-log "$logs/nginx-access.log" --error-log "$logs/nginx-error.log" \
         --gateway-workers "$APPLIANCE_PROXY_WORKERS" --workers 1 >/dev/null
 
-    say "starting the engine (vLLM; loading takes a while), the gateway and NGINX; logs in $logs"
-    start engine "$engine_venv/bin/appliance-engine"
+    if [ -n "$models_file" ]; then
+        start_replicas
+    else
+        say "starting the engine (vLLM; loading takes a while), the gateway and NGINX; logs in $logs"
+        start engine "$engine_venv/bin/appliance-engine"
+    fi
     start proxy "$venv/bin/appliance-proxy" --host 127.0.0.1 --port "$proxy_port"
     start nginx nginx -p "$run_dir/nginx" -c "$run_dir/nginx/nginx.conf" \
         -e "$logs/nginx-error.log" -g "daemon off;"
@@ -215,6 +250,15 @@ up() {
     local base=https://127.0.0.1:$https_port cert=$run_dir/tls/self-signed.crt
     wait_for "NGINX" --cacert "$cert" "$base/health"
     wait_for "the engine" "http://127.0.0.1:$proxy_port/ready"
+    if [ -n "$models_file" ]; then
+        local deadline=$((SECONDS + ready_timeout))
+        until curl --silent --max-time 5 "http://127.0.0.1:$proxy_port/ready" \
+                | grep -q '"status":"ready"'; do
+            all_alive " while waiting for every engine" || exit 1
+            [ "$SECONDS" -lt "$deadline" ] || { say "not every engine ready after ${ready_timeout}s"; exit 1; }
+            sleep 1
+        done
+    fi
     local served
     served=$(curl --silent --fail --cacert "$cert" -H @<(printf 'Authorization: Bearer %s\n' \
         "$(cat "$run_dir/demo-key")") "$base/v1/models" \

@@ -1,5 +1,12 @@
 """``appliance-engine``: settings -> GPUs -> model fetch -> plan -> exec vLLM.
 
+With a models file, ``--replica N`` starts replica N of the placement plan (one process and
+one systemd unit, ``appliance-engine@N``, a replica; ``--plan`` lists them): every replica is
+its own vLLM on its own port and GPUs, supervised and restarted on its own, and the gateway
+routes to it by model. vLLM's own ``--data-parallel-size`` would put a model's replicas behind
+one port in one process tree: one crash or restart would take every replica of the model down
+together, and the gateway could not keep a prompt's prefix on the replica that has it cached.
+
 The launcher replaces itself with vLLM (``exec``), so systemd supervises vLLM directly and
 its SIGTERM reaches vLLM, which drains in-flight requests for ``APPLIANCE_SHUTDOWN_GRACE_S``
 (``--shutdown-timeout``) before it stops.
@@ -16,7 +23,7 @@ from pydantic import ValidationError
 
 from server.argv import engine_argv, engine_env
 from server.cluster import ray_argv
-from server.gpus import describe, detect_gpus
+from server.gpus import Gpu, describe, detect_gpus
 from server.host_memory import available_memory_bytes
 from server.internal_key import KeyFileError, ensure_internal_key
 from server.model import (
@@ -30,7 +37,7 @@ from server.models_file import ModelsFileError, model_specs
 from server.placement import place_models, render_plan
 from server.plan import choose_device, plan_engine
 from server.settings import EngineSettings, env_file_path, load_settings
-from server.vllm_build import installed_vllm
+from server.vllm_build import VllmBuild, installed_vllm
 
 EXIT_PREFLIGHT = 2
 
@@ -50,10 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         help="fetch the model and print the plan and vLLM's command; start nothing",
     )
     parser.add_argument(
+        "--replica",
+        type=int,
+        metavar="N",
+        help="start replica N of the models file's placement plan (see --plan)",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="print where every model of the models file would run (replicas, GPUs, ports, "
         "tensor parallel size, memory fraction) and why; fetch and start nothing",
+    )
+    parser.add_argument(
+        "--list-replicas",
+        action="store_true",
+        help="print one line per replica of the plan, 'INDEX MODEL PORT', for scripts (make run, "
+        "first boot); start nothing",
     )
     args = parser.parse_args(argv)
 
@@ -63,11 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         say(f"invalid settings: {exc}")
         return EXIT_PREFLIGHT
-    if args.plan:
-        return show_plan(settings)
+    if args.plan or args.list_replicas:
+        return show_plan(settings, listing=args.list_replicas)
 
     gpus, build = detect_gpus(), installed_vllm()
     say(f"found {describe(gpus)}; vLLM build: {build}")
+    if args.replica is not None:
+        return start_replica(args.replica, settings, gpus, build, env_file, args.dry_run)
+    return start_engine(settings, gpus, build, env_file, args.dry_run)
+
+
+def start_engine(settings: EngineSettings, gpus: list[Gpu], build: VllmBuild, env_file: Path,
+                 dry_run: bool, extra_args: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None) -> int:
+    """Plan one engine of ``settings``' model on ``gpus`` and exec vLLM (or print, dry)."""
     device, why = choose_device(settings.device, gpus, build)
     if device is None:
         say(f"cannot start: {why}")
@@ -92,16 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     if plan.cluster.role == "worker":
         command = ray_argv(plan.cluster, ray, plan.tensor_parallel_size)
         say(f"Ray worker command: {shlex.join(command)}")
-        if args.dry_run:
+        if dry_run:
             return 0
         sys.stdout.flush()
         os.execv(command[0], command)
-    command = engine_argv(plan, sys.executable)
+    command = [*engine_argv(plan, sys.executable), *extra_args]
     if plan.cluster.role == "head":
         ray_head = ray_argv(plan.cluster, ray, plan.tensor_parallel_size)
         say(f"Ray head command: {shlex.join(ray_head)}")
     say(f"vLLM command: {shlex.join(command)}")
-    if args.dry_run:
+    if dry_run:
         return 0
     if plan.cluster.role == "head" and subprocess.run(ray_head, check=False).returncode != 0:
         say("cannot start: the Ray head did not start")
@@ -112,11 +140,59 @@ def main(argv: list[str] | None = None) -> int:
         say(f"cannot start: {exc}")
         return EXIT_PREFLIGHT
     sys.stdout.flush()
-    os.execve(command[0], command, engine_env(plan, api_key, os.environ))
+    os.execve(command[0], command, engine_env(plan, api_key, {**os.environ, **(extra_env or {})}))
     return 1  # not reached: execve replaces this process
 
 
-def show_plan(settings: EngineSettings) -> int:
+def start_replica(index: int, settings: EngineSettings, gpus: list[Gpu], build: VllmBuild,
+                  env_file: Path, dry_run: bool) -> int:
+    """Replica ``index`` of the placement plan: its model's settings with the plan's port,
+    GPUs, tensor-parallel size and memory share over them. Every model is fetched first (the
+    plan reads every model's shape; a complete fetch is never repeated)."""
+    try:
+        specs, why = model_specs(settings)
+    except ModelsFileError as exc:
+        for error in exc.errors:
+            say(f"cannot start: {error}")
+        return EXIT_PREFLIGHT
+    say(why)
+    try:
+        models = [(spec, read_model_shape(fetch_model(spec.source, settings.model_cache),
+                                          spec.settings.dtype)) for spec in specs]
+    except ModelError as exc:
+        say(f"cannot start: {exc}")
+        return EXIT_PREFLIGHT
+    plan = place_models(models, gpus, build, device=settings.device,
+                        first_port=settings.engine_port,
+                        available_memory=available_memory_bytes())
+    for error in plan.errors:
+        say(f"cannot start: {error}")
+    if not plan.ok:
+        return EXIT_PREFLIGHT
+    if not 0 <= index < len(plan.replicas):
+        say(f"cannot start: the plan has {len(plan.replicas)} replicas (0 to "
+            f"{len(plan.replicas) - 1}), not {index}: see appliance-engine --plan")
+        return EXIT_PREFLIGHT
+    name, replica = plan.replicas[index]
+    spec = next(spec for spec in specs if spec.name == name)
+    placed = next(model for model in plan.models if model.name == name)
+    update: dict[str, object] = {"engine_port": replica.port,
+                                 "tensor_parallel_size": placed.tensor_parallel_size}
+    if replica.memory_fraction is not None:
+        update["gpu_memory_utilization"] = replica.memory_fraction
+    if replica.kv_cache_memory_bytes is not None:
+        update["kv_cache_memory_bytes"] = replica.kv_cache_memory_bytes
+    say(f"replica {index}: {name} on port {replica.port}"
+        + (f", GPUs {','.join(map(str, replica.gpus))}" if replica.gpus else ""))
+    visible = [gpu for gpu in gpus if gpu.index in replica.gpus]
+    extra_env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, replica.gpus))} if replica.gpus \
+        else {}
+    extra_args = ("--runner", "pooling") if spec.task == "embed" else ()
+    return start_engine(spec.settings.model_copy(update=update), visible, build, env_file,
+                        dry_run, extra_args, extra_env)
+
+
+def show_plan(settings: EngineSettings, listing: bool = False) -> int:
     """``--plan``: every model's placement on this host, printed; 0 when it can start, else 2.
 
     It reads the models' ``config.json`` and weight sizes where they already are (a local
@@ -148,7 +224,13 @@ def show_plan(settings: EngineSettings) -> int:
     plan = place_models(models, gpus, build, device=settings.device,
                         first_port=settings.engine_port,
                         available_memory=available_memory_bytes())
-    print(render_plan(plan), flush=True)
+    if listing and plan.ok:
+        for index, (name, replica) in enumerate(plan.replicas):
+            print(index, name, replica.port)
+    elif not listing:
+        print(render_plan(plan), flush=True)
+    for error in plan.errors if listing else ():
+        say(f"cannot start: {error}")
     return 0 if plan.ok else EXIT_PREFLIGHT
 
 

@@ -158,3 +158,74 @@ def test_make_run_serves_through_nginx_and_stops(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([str(SCRIPT), "stop"], cwd=ROOT, env=env, capture_output=True)
+
+
+@pytest.mark.timeout(900)
+def test_a_models_file_serves_every_model_and_one_engine_away_leaves_the_other(tmp_path):
+    """`APPLIANCE_MODELS_FILE=FILE make run`: two real vLLM engines (CPU build, two tiny models
+    of different names, small KV caches: two cores share them), routed by model through NGINX
+    and the gateway with the openai client; one engine killed, its model 503 with Retry-After
+    while the other answers."""
+    from tests.e2e.engine_stack import make_tiny_model
+
+    run_dir = tmp_path / "run"
+    models = [make_tiny_model(tmp_path / f"tiny-{seed}", seed=seed) for seed in (0, 1)]
+    models_file = tmp_path / "models.toml"
+    models_file.write_text("".join(
+        f'[[models]]\nname = "{name}"\nsource = "{path}"\nmax_model_len = 1024\n'
+        f"max_num_seqs = 8\nkv_cache_memory_bytes = {128 * 2**20}\n\n"
+        for name, path in (("tiny-a", models[0]), ("tiny-b", models[1]))))
+    ports = {name: free_port() for name in ("HTTPS", "HTTP", "PROXY")}
+    ports["ENGINE"] = engine_port = free_port()
+    while port_open(engine_port + 1):
+        ports["ENGINE"] = engine_port = free_port()
+    env = {
+        **os.environ,
+        "APPLIANCE_RUN_DIR": str(run_dir),
+        "VENV": str(VENV_BIN.parent),
+        "ENGINE_VENV": str(ENGINE_VENV),
+        "APPLIANCE_RUN_READY_TIMEOUT": "600",
+        "APPLIANCE_MODELS_FILE": str(models_file),
+        **{f"APPLIANCE_RUN_{name}_PORT": str(port) for name, port in ports.items()},
+    }
+    env.pop("APPLIANCE_MODEL", None)
+    proc = subprocess.Popen([str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        banner = read_until(proc, "stops all three", timeout=800)
+        assert f"engine 1: tiny-b on 127.0.0.1:{engine_port + 1}" in banner
+        key = (run_dir / "demo-key").read_text().strip()
+        trust = ssl.create_default_context(cafile=str(run_dir / "tls" / "self-signed.crt"))
+        with httpx.Client(verify=trust, timeout=120) as http:
+            client = openai.OpenAI(base_url=f"https://127.0.0.1:{ports['HTTPS']}/v1",
+                                   api_key=key, http_client=http, max_retries=0)
+            assert sorted(m.id for m in client.models.list().data) == ["tiny-a", "tiny-b"]
+            for model in ("tiny-a", "tiny-b"):
+                answer = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "Hello there"}],
+                    max_tokens=4)
+                assert answer.model == model and answer.usage.completion_tokens >= 1
+
+            # Killed: once the gateway has seen it go (here its /ready; a request sent at the
+            # very moment of the kill is in flight, and gets 502 upstream_error), its model is
+            # 503 with Retry-After while the other model answers.
+            os.killpg(int((run_dir / "pids" / "engine-1.pid").read_text()), signal.SIGKILL)
+            ready = http.get(f"http://127.0.0.1:{ports['PROXY']}/ready").json()
+            assert ready["status"] == "partial"
+            with pytest.raises(openai.APIStatusError) as away:
+                client.chat.completions.create(
+                    model="tiny-b", messages=[{"role": "user", "content": "Hello there"}],
+                    max_tokens=4)
+            assert away.value.status_code == 503 and away.value.response.headers["retry-after"]
+            answer = client.chat.completions.create(
+                model="tiny-a", messages=[{"role": "user", "content": "Hello there"}],
+                max_tokens=4)
+            assert answer.usage.completion_tokens >= 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([str(SCRIPT), "stop"], cwd=ROOT, env=env, capture_output=True)

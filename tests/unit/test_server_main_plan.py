@@ -5,6 +5,8 @@ engine's virtualenv: ``make engine-venv``, or ``ENGINE_VENV`` pointing at one); 
 stood in for where it matters (vLLM's CPU build and 16 GiB free, or four GPUs).
 """
 
+from pathlib import Path
+
 import pytest
 
 from server import main as launcher
@@ -100,3 +102,35 @@ def test_models_that_do_not_fit_exit_2_with_the_plan_and_the_numbers(host, capsy
     assert launcher.main(["--plan"]) == launcher.EXIT_PREFLIGHT
     out = capsys.readouterr().out
     assert "cannot start:\n  chat: its weights" in out
+
+
+def test_a_replica_starts_its_model_on_its_port_with_its_share(host, capsys, tiny_models):
+    """``--replica N`` is the one vLLM of replica N: its model, name, port and KV share."""
+    host.setattr(launcher, "fetch_model", lambda source, cache: Path(source))
+    assert launcher.main(["--replica", "1", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    command = next(line for line in err.splitlines() if "vLLM command:" in line)
+    assert f"--model {tiny_models[1]}" in command and "--served-model-name other" in command
+    assert "--port 8001" in command and "--kv-cache-memory-bytes" in command
+    assert "replica 1: other on port 8001" in err
+
+
+def test_a_replica_the_plan_does_not_have_is_refused(host, capsys):
+    host.setattr(launcher, "fetch_model", lambda source, cache: Path(source))
+    assert launcher.main(["--replica", "2", "--dry-run"]) == 2
+    assert "the plan has 2 replicas (0 to 1), not 2" in capsys.readouterr().err
+
+
+def test_an_embedding_replica_runs_vllms_pooling_runner(host, capsys, tmp_path, tiny_models):
+    host.setattr(launcher, "fetch_model", lambda source, cache: Path(source))
+    models_file = tmp_path / "embed.toml"
+    models_file.write_text(f'[[models]]\nname = "emb"\nsource = "{tiny_models[0]}"\n'
+                           'task = "embed"\n')
+    host.setenv("APPLIANCE_MODELS_FILE", str(models_file))
+    assert launcher.main(["--replica", "0", "--dry-run"]) == 0
+    assert "--runner pooling" in capsys.readouterr().err
+
+
+def test_replicas_are_listed_for_scripts(host, capsys):
+    assert launcher.main(["--list-replicas"]) == 0
+    assert capsys.readouterr().out == "0 chat 8000\n1 other 8001\n"
