@@ -151,7 +151,8 @@ class Engines:
         return False, why
 
     async def _canary(self, engine: Engine) -> tuple[bool, str]:
-        """One generation of each model (adapters are the base model's weights: skipped)."""
+        """One generation of each model (adapters are the base model's weights: skipped); a pooling
+        model runs one embedding, or one pass of vLLM's generic ``/pooling``."""
         try:
             listed = await self._ask(engine, b"GET", b"/v1/models", "canary-models")
             cards = {card["id"]: card for card in listed.json().get("data", [])
@@ -169,7 +170,8 @@ class Engines:
 
     async def _generate_once(self, engine: Engine, model: str) -> tuple[bool, str]:
         tries = ((b"/v1/completions", {"model": model, "prompt": CANARY_PROMPT, "max_tokens": 1}),
-                 (b"/v1/embeddings", {"model": model, "input": CANARY_PROMPT}))
+                 (b"/v1/embeddings", {"model": model, "input": CANARY_PROMPT}),
+                 (b"/pooling", {"model": model, "input": CANARY_PROMPT}))
         answer = None
         for path, body in tries:
             try:
@@ -178,7 +180,7 @@ class Engines:
                 return False, f"the canary generation of {model!r} failed ({type(exc).__name__})"
             if answer.status_code == 200:
                 return True, "ready"
-            if answer.status_code not in (400, 404):  # 400/404: a pooling model, try its route
+            if answer.status_code not in (400, 404):  # 400/404: a pooling model, try its routes
                 break
         return False, (f"the canary generation of {model!r} was answered "
                        f"{answer.status_code}: {answer.content[:300]!r}")
