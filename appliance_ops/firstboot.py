@@ -12,7 +12,13 @@ ACME challenge. By hand, with neither option, it does both.
 
 User data is plain ``KEY=VALUE`` lines (``#`` comments, optional ``export``, shell-style quotes):
 ``APPLIANCE_*`` settings, plus ``DOMAIN`` and ``EMAIL`` to ask Let's Encrypt for a certificate.
-Values are never logged, only the names of the settings taken.
+Values are never logged, only the names of the settings taken. A models file may follow the
+settings: from the first line that opens a TOML table (``[[models]]``) on, the user data is
+written to ``/etc/appliance/models.toml``. With a models file, first boot fetches its models,
+asks ``appliance-engine --list-replicas`` for the plan's replicas, enables one
+``appliance-engine@N`` unit a replica (and no single ``appliance-engine``), and gives the
+gateway their addresses (``APPLIANCE_ENGINE_URLS``). Run again by hand after editing the file,
+it re-plans; restart ``appliance-proxy`` then, so the gateway routes to the new replicas.
 
 Standard library only: it runs with the system's Python, before anything else is configured.
 Every path and command is an option (defaults from ``APPLIANCE_FIRSTBOOT_*`` variables), so the
@@ -49,6 +55,10 @@ ALIASES = {"DOMAIN": "APPLIANCE_DOMAIN", "EMAIL": "APPLIANCE_EMAIL"}
 # Generated once per instance and kept across re-runs.
 GENERATED = ("APPLIANCE_ENGINE_API_KEY",)
 BARE_VALUE = re.compile(r"^[A-Za-z0-9_./:@,+=%-]*$")
+# Where the engine's unit keeps its caches: a models file's models are fetched at first boot
+# (the plan reads their shapes) into the same places the engines read them from.
+ENGINE_FETCH_ENV = {"HOME": "/var/lib/appliance", "XDG_CACHE_HOME": "/var/cache/appliance",
+                    "HF_HOME": "/var/cache/appliance/huggingface"}
 
 
 def log(message: str) -> None:
@@ -90,6 +100,26 @@ def parse_user_data(text: str) -> UserData:
             continue
         result.settings[name] = " ".join(words)
     return result
+
+
+def split_user_data(text: str) -> tuple[str, str | None]:
+    """The settings lines, and the models file that follows them (None when there is none)."""
+    lines = text.splitlines(keepends=True)
+    for number, line in enumerate(lines):
+        if line.lstrip().startswith("["):
+            return "".join(lines[:number]), "".join(lines[number:])
+    return text, None
+
+
+def replica_urls(listing: str) -> list[str]:
+    """``appliance-engine --list-replicas``'s 'INDEX MODEL PORT' lines -> each replica's URL."""
+    urls = []
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or not fields[0].isdigit() or not fields[2].isdigit():
+            raise ValueError(f"not a replica line: {line!r}")
+        urls.append(f"http://127.0.0.1:{fields[2]}")
+    return urls
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -344,6 +374,40 @@ def size_gateway(args: argparse.Namespace, settings: dict[str, str]) -> None:
     log(f"gateway workers: {workers}; NGINX routes each key to one of them")
 
 
+def place_engines(args: argparse.Namespace, settings: dict[str, str]) -> None:
+    """With a models file: one ``appliance-engine@N`` a replica of its plan, the single engine
+    off, and the gateway told where the replicas listen. Without one, nothing changes."""
+    if not args.models_file.is_file():
+        return
+    done = subprocess.run(as_service_user([args.engine_cmd, "--list-replicas", "--fetch"],
+                                          args.service_user),
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, **ENGINE_FETCH_ENV, **settings,
+                               "APPLIANCE_MODELS_FILE": str(args.models_file)})
+    try:
+        urls = replica_urls(done.stdout) if done.returncode == 0 else []
+    except ValueError as exc:
+        raise RuntimeError(f"appliance-engine --list-replicas: {exc}") from None
+    if not urls:
+        raise RuntimeError(f"the models file's plan does not start ({done.stderr.strip()[-600:]});"
+                           f" see: {args.engine_cmd} --plan")
+    settings["APPLIANCE_ENGINE_URLS"] = ",".join(urls)
+    previous = args.state_dir / "engine-replicas"
+    before = int(previous.read_text()) if previous.is_file() else 0
+    systemctl = [args.systemctl_cmd]
+    run([*systemctl, "disable", "--now", "--no-block", "appliance-engine.service"])
+    stale = [f"appliance-engine@{i}.service" for i in range(len(urls), before)]
+    if stale:
+        run([*systemctl, "disable", "--now", "--no-block", *stale])
+    wanted = [f"appliance-engine@{i}.service" for i in range(len(urls))]
+    enabled = run([*systemctl, "enable", "--now", "--no-block", *wanted])
+    if enabled.returncode != 0:
+        raise RuntimeError(f"enabling the engine replicas failed: {enabled.stderr.strip()[-300:]}")
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    previous.write_text(f"{len(urls)}\n")
+    log(f"models file: {len(urls)} engine replica(s), appliance-engine@0 to @{len(urls) - 1}")
+
+
 def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> bool:
     """Ask for a Let's Encrypt certificate when configured; False when that failed."""
     if not wants_public_tls(settings):
@@ -434,6 +498,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The virtualenv's command itself: /usr/local/sbin/appliance-keys switches user on its own.
     p.add_argument("--keys-cmd", default=env_default("KEYS_CMD", f"{VENV_BIN}/appliance-keys"))
     p.add_argument("--proxy-cmd", default=env_default("PROXY_CMD", f"{VENV_BIN}/appliance-proxy"))
+    p.add_argument("--engine-cmd",
+                   default=env_default("ENGINE_CMD", f"{VENV_BIN}/appliance-engine"))
+    p.add_argument("--systemctl-cmd", default=env_default("SYSTEMCTL_CMD", "systemctl"))
+    p.add_argument(
+        "--models-file",
+        type=Path,
+        default=Path(env_default("MODELS_FILE", "/etc/appliance/models.toml")),
+        help="where a models file in user data is written, and read to place the engines",
+    )
     p.add_argument(
         "--service-user",
         default=env_default("SERVICE_USER", "appliance"),
@@ -469,7 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         return public_tls(args)
     imds = Imds(args.imds_url, args.imds_timeout)
     user_data, instance_id = read_metadata(imds, args.imds_attempts, args.imds_pause)
+    user_data, models_text = split_user_data(user_data)
     parsed = parse_user_data(user_data)
+    if models_text is not None:
+        args.models_file.parent.mkdir(parents=True, exist_ok=True)
+        args.models_file.write_text(models_text)
+        args.models_file.chmod(0o644)
+        log(f"models file from user data: {args.models_file}")
     for reason in parsed.ignored:
         log(f"user data ignored: {reason}")
     if parsed.settings:
@@ -480,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     generated = {name: secrets.token_urlsafe(32) for name in GENERATED}
     settings = merge_settings(defaults, existing, parsed.settings, generated)
     size_gateway(args, settings)
+    try:
+        place_engines(args, settings)
+    except RuntimeError as exc:
+        log(str(exc))
+        write_private(args.env_file, render_env(settings))
+        return 1
     write_private(args.env_file, render_env(settings))
     log(f"wrote {args.env_file} ({len(settings)} settings, mode 0600)")
 

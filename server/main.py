@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         help="print one line per replica of the plan, 'INDEX MODEL PORT', for scripts (make run, "
         "first boot); start nothing",
     )
+    parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="with --plan or --list-replicas: fetch the models that are not here yet first",
+    )
     args = parser.parse_args(argv)
 
     env_file = env_file_path()
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"invalid settings: {exc}")
         return EXIT_PREFLIGHT
     if args.plan or args.list_replicas:
-        return show_plan(settings, listing=args.list_replicas)
+        return show_plan(settings, listing=args.list_replicas, fetch=args.fetch)
 
     gpus, build = detect_gpus(), installed_vllm()
     say(f"found {describe(gpus)}; vLLM build: {build}")
@@ -192,11 +197,12 @@ def start_replica(index: int, settings: EngineSettings, gpus: list[Gpu], build: 
                         dry_run, extra_args, extra_env)
 
 
-def show_plan(settings: EngineSettings, listing: bool = False) -> int:
+def show_plan(settings: EngineSettings, listing: bool = False, fetch: bool = False) -> int:
     """``--plan``: every model's placement on this host, printed; 0 when it can start, else 2.
 
     It reads the models' ``config.json`` and weight sizes where they already are (a local
-    directory, or a complete copy in the model cache) and fetches nothing."""
+    directory, or a complete copy in the model cache) and fetches nothing, unless ``fetch``
+    (first boot, which must know the replicas before it enables their units)."""
     try:
         specs, why = model_specs(settings)
     except ModelsFileError as exc:
@@ -213,7 +219,7 @@ def show_plan(settings: EngineSettings, listing: bool = False) -> int:
     models, unread = [], []
     for spec in specs:
         try:
-            path = local_model_dir(spec.source, settings.model_cache)
+            path = (fetch_model if fetch else local_model_dir)(spec.source, settings.model_cache)
             models.append((spec, read_model_shape(path, spec.settings.dtype)))
         except ModelError as exc:
             unread.append(f"{spec.name}: {exc}")

@@ -37,6 +37,8 @@ pytestmark = pytest.mark.timeout(2400)
 
 SERVICES = ("appliance-engine", "appliance-proxy", "nginx")
 MODEL_DIR = "/var/lib/appliance/models/tiny"
+SECOND_MODEL_DIR = "/var/lib/appliance/models/tiny-b"
+"""A second tiny model (another seed) for the models file's two engines."""
 USER_DATA = f"""APPLIANCE_MODEL={MODEL_DIR}
 APPLIANCE_SERVED_MODEL_NAME=tiny
 APPLIANCE_MAX_MODEL_LEN=1024
@@ -64,11 +66,11 @@ def require_tools() -> None:
         pytest.fail(f"the image test needs {missing}: .ci/run installs them")
 
 
-def tiny_model(dest: Path, uid: int) -> None:
+def tiny_model(dest: Path, uid: int, seed: int = 0) -> None:
     engine_python = ROOT / os.environ.get("ENGINE_VENV", ".venv-engine") / "bin" / "python"
     subprocess.run(
-        [str(engine_python), str(ROOT / "scripts" / "make_tiny_model.py"), str(dest)],
-        check=True, capture_output=True,
+        [str(engine_python), str(ROOT / "scripts" / "make_tiny_model.py"), str(dest),
+         "--seed", str(seed)], check=True, capture_output=True,
     )  # fmt: skip
     for path in [dest, *dest.rglob("*")]:
         os.chown(path, uid, uid)
@@ -132,6 +134,7 @@ def image() -> Path:
         stop(host_proxy)
     with phase("tiny model placed in the image"):
         tiny_model(root / MODEL_DIR.lstrip("/"), image_uid(root))
+        tiny_model(root / SECOND_MODEL_DIR.lstrip("/"), image_uid(root), seed=1)
     drop_in = root / "etc/systemd/system/appliance-firstboot.service.d/test-imds.conf"
     drop_in.parent.mkdir(parents=True, exist_ok=True)
     drop_in.write_text(IMDS_DROP_IN)
@@ -498,3 +501,53 @@ def test_journal_holds_the_services_logs_and_no_secret(instance):
         assert secret not in everything, f"the {name} is in the journal"
     boots = instance.machine.run(["journalctl", "--list-boots", "--no-pager"]).stdout
     assert len(boots.strip().splitlines()) >= 2, "the journal did not persist across the reboot"
+
+
+MODELS_FILE = "".join(
+    f'[[models]]\nname = "{name}"\nsource = "{path}"\nmax_model_len = 1024\n'
+    f"kv_cache_memory_bytes = {256 * 2**20}\n\n"
+    for name, path in (("tiny", MODEL_DIR), ("tiny-b", SECOND_MODEL_DIR)))
+
+
+def both_models_answer(instance: Instance, timeout: float = ENGINE_READY_S) -> None:
+    """Each model of the models file answers a completion through the gateway, within
+    ``timeout`` (its engine loads, generates its canary, and is routed to)."""
+    key = admin_key(instance)
+    deadline = time.monotonic() + timeout
+    for model in ("tiny", "tiny-b"):
+        while True:
+            done = instance.machine.run([
+                "curl", "--silent", "--output", "/dev/null", "--write-out", "%{http_code}",
+                "--max-time", "60", "http://127.0.0.1:8080/v1/completions",
+                "-H", f"Authorization: Bearer {key}", "-H", "Content-Type: application/json",
+                "-d", json.dumps({"model": model, "prompt": "Once upon a time there was a ship",
+                                  "max_tokens": 4})], check=False)
+            if done.stdout == "200":
+                break
+            assert time.monotonic() < deadline, f"{model}: {done.stdout} {done.stderr}"
+            time.sleep(3)
+
+
+def test_a_models_file_serves_both_models_after_first_boot_and_a_reboot(instance):
+    """A models file of two models: first boot (run again by hand, as after editing the file)
+    switches the single engine off and one appliance-engine@N on per replica; both models are
+    served, and again after a reboot."""
+    m = instance.machine
+    (instance.root / "etc/appliance/models.toml").write_text(MODELS_FILE)
+    with phase("first boot again with a models file: two engine units"):
+        m.run(["env", f"APPLIANCE_FIRSTBOOT_IMDS_URL=http://127.0.0.1:{IMDS_PORT}",
+               "appliance-firstboot", "--skip-tls"], timeout=600)
+        m.run(["systemctl", "restart", "appliance-proxy"])
+        both_models_answer(instance)
+    env = m.run(["cat", "/etc/appliance/appliance.env"]).stdout
+    assert "APPLIANCE_ENGINE_URLS=http://127.0.0.1:8000,http://127.0.0.1:8001" in env, env
+    single = m.run(["systemctl", "is-active", "appliance-engine"], check=False).stdout.strip()
+    assert single == "inactive", single
+    with phase("reboot with the models file"):
+        instance.shutdown()
+        instance.boot(LATER_USER_DATA)
+        for unit in ("appliance-engine@0", "appliance-engine@1", "appliance-proxy", "nginx"):
+            assert instance.wait_active(unit, 120) == "active", unit
+        both_models_answer(instance)
+    single = instance.show("appliance-engine", "ConditionResult", "ActiveState")
+    assert single == {"ConditionResult": "no", "ActiveState": "inactive"}, single

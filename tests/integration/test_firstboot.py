@@ -21,6 +21,7 @@ import pytest
 from dotenv import dotenv_values
 
 from proxy.settings import available_cpus, default_worker_count
+from tests.e2e.engine_stack import ENGINE_BIN, make_tiny_model
 from tests.firstboot_imds import TOKEN, fake_imds
 from tests.servers import ROOT, VENV_BIN, free_port
 
@@ -99,7 +100,30 @@ class Host:
             "",
             "--proxy-cmd",
             str(VENV_BIN / "appliance-proxy"),
+            "--models-file",
+            str(self.models_file),
+            "--systemctl-cmd",
+            str(self.systemctl),
+            "--engine-cmd",
+            str(ENGINE_BIN / "appliance-engine"),
         ]
+
+    @property
+    def models_file(self) -> Path:
+        return self.root / "etc" / "models.toml"
+
+    @property
+    def systemctl(self) -> Path:
+        """A stand-in for systemctl (no systemd runs this host): it records its arguments."""
+        path = self.root / "systemctl"
+        if not path.exists():
+            path.write_text(f"#!/bin/sh\necho \"$*\" >> {self.root / 'systemctl.calls'}\n")
+            path.chmod(0o755)
+        return path
+
+    def systemctl_calls(self) -> list[str]:
+        calls = self.root / "systemctl.calls"
+        return calls.read_text().splitlines() if calls.exists() else []
 
     def firstboot(self, imds_url: str, *flags: str, **options) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -402,3 +426,41 @@ def test_gateway_workers_are_fixed_once_and_nginx_gets_one_upstream_each(host, u
     assert dotenv_values(host.env_file)["APPLIANCE_PROXY_WORKERS"] == str(expected)
     assert upstream_ports(host.site) == [8080 + i for i in range(expected)]
     assert f"gateway workers: {expected}" in done.stdout + done.stderr
+
+
+def test_a_models_file_in_user_data_places_one_engine_unit_a_replica(host, tmp_path):
+    """The models file after the settings is written out; the single engine is switched off
+    and appliance-engine@0 and @1 on; the gateway gets both replicas' addresses. Run again
+    with one model, the second replica's unit is switched off."""
+    models = [make_tiny_model(tmp_path / f"tiny-{seed}", seed=seed) for seed in (0, 1)]
+    table = "".join(f'[[models]]\nname = "m{i}"\nsource = "{path}"\nmax_model_len = 512\n\n'
+                    for i, path in enumerate(models))
+    settings = "APPLIANCE_ENGINE_PORT=9100\nAPPLIANCE_MAX_INFLIGHT=32\n"
+    with fake_imds(settings + table) as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    assert host.models_file.read_text() == table
+    env = dotenv_values(host.env_file)
+    assert env["APPLIANCE_ENGINE_URLS"] == "http://127.0.0.1:9100,http://127.0.0.1:9101"
+    assert env["APPLIANCE_MAX_INFLIGHT"] == "32" and "[[models]]" not in host.env_file.read_text()
+    assert host.systemctl_calls() == [
+        "disable --now --no-block appliance-engine.service",
+        "enable --now --no-block appliance-engine@0.service appliance-engine@1.service"]
+
+    one = table.split("\n\n")[0] + "\n\n"
+    host.models_file.write_text(one)
+    with fake_imds(settings) as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    assert dotenv_values(host.env_file)["APPLIANCE_ENGINE_URLS"] == "http://127.0.0.1:9100"
+    assert host.systemctl_calls()[-2:] == [
+        "disable --now --no-block appliance-engine@1.service",
+        "enable --now --no-block appliance-engine@0.service"]
+
+
+def test_a_models_file_that_cannot_be_placed_fails_first_boot_and_says_why(host):
+    with fake_imds('[[models]]\nname = "x"\nsource = "/nowhere/at/all"\n') as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 1
+    assert "does not start" in done.stderr and "/nowhere/at/all" in done.stderr
+    assert host.systemctl_calls() == []

@@ -113,7 +113,8 @@ def test_nginx_drop_in_verifies_with_debians_unit(tmp_path):
     assert verify_findings(tmp_path / "nginx.service") == []
 
 
-@pytest.mark.parametrize("name", ["appliance-engine.service", "appliance-proxy.service"])
+@pytest.mark.parametrize("name", ["appliance-engine.service", "appliance-engine@.service",
+                                  "appliance-proxy.service"])
 def test_services_run_hardened_as_the_dedicated_user(name):
     d = directives(UNITS / name)
     assert d["Service.User"] == ["appliance"]
