@@ -71,7 +71,12 @@ def measure(requests: int) -> tuple[float, float]:
     accesslog.configure(settings.log_level)
     app = create_app(settings)
     forwarder = app.gateway.forwarder
-    forwarder.engine_ready = True
+    engines = getattr(forwarder, "engines", None)
+    if engines is None:  # gateways before 2026-12-06: one engine, its readiness a flag
+        forwarder.engine_ready = True
+    else:
+        for engine in engines.all:
+            engine.ready, engine.cards = True, {"fake-model": {"id": "fake-model"}}
     json_headers = [(b"content-type", b"application/json"),
                     (b"content-length", b"%d" % len(ANSWER))]
     sse_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
