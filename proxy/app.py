@@ -154,13 +154,16 @@ def prepare_store(settings: ProxySettings) -> None:
         log.error("key store unreachable at start; keys get 503 until it answers: %s", exc)
 
 
-def admission_observer(metrics: Metrics, engines: Callable[[], Engines]) -> Observer:
+def admission_observer(metrics: Metrics, engines: Callable[[], Engines],
+                       several: bool) -> Observer:
     """A fair queue's callbacks into the metrics (admission itself knows no Prometheus); slots
-    in use are counted over every engine's queue."""
+    in use are counted over every engine's queue (with one engine, its own count is that)."""
+    in_use = (lambda _: metrics.engine_slots_in_use.set(
+        sum(engine.queue.running for engine in engines().all))) if several \
+        else metrics.engine_slots_in_use.set
     return Observer(depth=lambda key, n: metrics.queue_depth.labels(key).set(n),
                     waited=lambda key, s: metrics.queue_wait.labels(key).observe(s),
-                    in_use=lambda _: metrics.engine_slots_in_use.set(
-                        sum(engine.queue.running for engine in engines().all)))
+                    in_use=in_use)
 
 
 def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
@@ -183,7 +186,7 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
     auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
     engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda: FairQueue(
         settings.engine_concurrency, settings.max_queued_per_key,
-        admission_observer(metrics, lambda: engines)))
+        admission_observer(metrics, lambda: engines, len(settings.engine_endpoints) > 1)))
     forwarder = Forwarder(engines,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(store, settings.usage_flush_interval_s, metrics)

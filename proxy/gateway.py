@@ -273,7 +273,9 @@ class Gateway:
         reservation = await self.reserve_quota(key, route, engine, body, len(raw), sequences)
         if body is not None and route.salted:  # after the reservation: the salt is no prompt
             salt = self.salts.salt_for(key.name, key.cache_group)
-            raw, body = with_cache_salt(body, raw, salt), {**body, SALT_FIELD: salt}
+            raw = with_cache_salt(body, raw, salt)
+            if route.usage_on_request and body.get("stream") is True:  # re-encoded from body
+                body = {**body, SALT_FIELD: salt}
         if self.inflight >= self.settings.max_inflight:
             self.quota.settle(reservation, 0)
             self.metrics.refused.labels(key.name, "capacity").inc()

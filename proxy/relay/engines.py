@@ -57,11 +57,11 @@ class Engine:
     checked_at: float = 0.0
     outstanding: int = 0
     """Requests sent to it and not finished: what the replica choice balances."""
+    name: str = ""
+    """How metrics and the access log name it: its loopback address."""
 
-    @property
-    def name(self) -> str:
-        """How metrics and the access log name it: its loopback address."""
-        return self.url.removeprefix("http://")
+    def __post_init__(self) -> None:
+        self.name = self.url.removeprefix("http://")
 
     def serves(self, model: str) -> bool:
         return model in self.cards
@@ -204,6 +204,10 @@ class Engines:
     async def engine_for(self, model: str | None, preference: bytes) -> Engine:
         """The engine a request for ``model`` goes to; 503 with Retry-After while none of its
         engines is ready (the other models keep serving), 404 for a model none serves."""
+        if len(self.all) == 1:  # one engine: the common box, on every request's path
+            engine = self.all[0]
+            if engine.ready and (model is None or model in engine.cards):
+                return engine
         replicas = self.replicas(model)
         ready = [e for e in replicas if e.ready]
         if not ready:
