@@ -74,7 +74,7 @@ def test_every_line_must_match_the_batch_endpoint():
 
 def test_an_empty_file_and_a_non_utf8_file_are_refused():
     assert "no requests" in str(refusal("\n\n"))
-    with pytest.raises(BadFile, match="^line 2: not UTF-8"):
+    with pytest.raises(BadFile, match=r"^line 2: not UTF-8"):
         parse_lines(request().encode() + b"\n\xff\xfe", every_model)
 
 
