@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Box:
         port = free_port()
         env = {"APPLIANCE_ENGINE_URL": self.engine_url, "APPLIANCE_ENGINE_API_KEY": ENGINE_KEY,
                "APPLIANCE_KEYS_DB": str(self.db), "APPLIANCE_PROXY_WORKERS": "1",
+               "APPLIANCE_ENGINE_CONCURRENCY": "16",
                **{f"APPLIANCE_{k.upper()}": str(v) for k, v in self.settings.items()}}
         self.url = f"http://127.0.0.1:{port}"
         with running(proxy(port), ready_url=self.url + "/health", env=env,
@@ -284,3 +286,61 @@ def test_a_restart_resumes_with_every_line_exactly_once(fake, tmp_path, how):
     assert done.request_counts.completed == 24
     assert runs_of(fake, tag) == {f"{tag}-{i}": 1 for i in range(24)}
     assert sorted(r["custom_id"] for r in results) == sorted(f"{tag}-{i}" for i in range(24))
+
+
+def test_drain_takes_no_new_lines_and_a_restart_finishes_the_batch(fake, tmp_path):
+    box = Box(fake.url, tmp_path, batch_max_slots=2)
+    with box.up():
+        client = box.client()
+        batch = start(client, batch_file(20, "drain", delay=0.3))
+        deadline = time.monotonic() + 10
+        while client.batches.retrieve(batch.id).request_counts.completed < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(box.url + "/drain", json={"reason": "test"}).status_code == 200
+        time.sleep(1.0)  # the lines running when the drain came (2, 0.3 s each) finish
+        settled = client.batches.retrieve(batch.id)
+        time.sleep(1.0)
+        still = client.batches.retrieve(batch.id)
+        assert still.status == "in_progress"
+        assert still.request_counts.completed == settled.request_counts.completed < 20
+    with box.up():
+        done = wait_status(box.client(), batch.id, ("completed",), timeout=60)
+    assert runs_of(fake, "drain") == {f"drain-{i}": 1 for i in range(20)}
+    assert done.request_counts.completed == 20
+
+
+def test_a_batch_past_its_window_expires_with_what_is_done(fake, tmp_path):
+    box = Box(fake.url, tmp_path, batch_max_slots=2)
+    with box.up():
+        client = box.client()
+        batch = start(client, batch_file(30, "expire", delay=0.3))
+        deadline = time.monotonic() + 10
+        while client.batches.retrieve(batch.id).request_counts.completed < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # Its window ends while the gateway is down (as it would after a long stop).
+    with contextlib.closing(sqlite3.connect(box.db)) as db, db:
+        db.execute("UPDATE batches SET expires_at = ? WHERE id = ?", (time.time(), batch.id))
+    with box.up():
+        client = box.client()
+        done = wait_status(client, batch.id, ("expired",))
+        output = lines_of(client, done.output_file_id)
+        errors = lines_of(client, done.error_file_id)
+    assert done.expired_at is not None
+    assert len(output) == done.request_counts.completed >= 4
+    assert len(output) + len(errors) == 30
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert all(e["response"] is None for e in errors)
+    assert sum(runs_of(fake, "expire").values()) == len(output)
+
+
+def test_with_two_workers_each_line_runs_once(fake, tmp_path):
+    box = Box(fake.url, tmp_path, batch_max_slots=2, proxy_workers=2)
+    with box.up():
+        client = box.client()
+        batches = [start(client, batch_file(10, f"pair{n}", delay=0.05)) for n in range(3)]
+        for batch in batches:
+            assert wait_status(client, batch.id, ("completed",)).request_counts.completed == 10
+    for n in range(3):
+        assert runs_of(fake, f"pair{n}") == {f"pair{n}-{i}": 1 for i in range(10)}
