@@ -144,7 +144,7 @@ class Runner:
                     self.cancelled.add(batch_id)
         while len(self.running) < MAX_RUNNING_BATCHES:
             row = await self.storage.call("claim", self.storage.node, self.holder, time.time(),
-                                          self.lease_s, ACTIVE)
+                                          self.lease_s, ACTIVE, tuple(self.running))
             if row is None:
                 return
             batch = batch_from_row(row)
@@ -203,19 +203,20 @@ class Runner:
             lines = await self._lines(batch)
             if lines is None:
                 return
-            if batch.status == "in_progress":
-                await self._run_lines(batch, lines)
-            why = self.why_stop(batch)
-            if why in ("lost", "pause"):
+            if batch.status == "cancelling":
+                await self._finalize(batch, "cancelling", "cancelled", lines, None)
                 return
-            if why is None and len(await self.storage.call("done_lines", batch.id)) < len(lines):
-                return  # a line failed to commit (the store away): the next claim resumes it
-            if batch.status == "cancelling" or why == "cancel":
+            await self._run_lines(batch, lines)
+            why = self.why_stop(batch)
+            if why == "cancel":
                 await self._finalize(batch, "cancelling", "cancelled", lines, None)
             elif why == "expire":
                 await self._finalize(batch, "in_progress", "expired", lines, "batch_expired")
-            else:
+            elif why is None and len(await self.storage.call("done_lines", batch.id)) == len(
+                    lines):
                 batch = await self._move(batch, "all_done")
+            else:
+                return  # drained, taken over, or a line's result not committed: resumed later
         if batch.status == "finalizing":
             await self._finalize(batch, "finalizing", "completed", None, None)
 
@@ -258,9 +259,18 @@ class Runner:
                 break
             task = asyncio.create_task(self._line(batch, line))
             tasks.add(task)
-            task.add_done_callback(lambda t: (tasks.discard(t), free.release()))
+            task.add_done_callback(lambda t: (tasks.discard(t), free.release(),
+                                              self._note_failure(batch, t)))
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    def _note_failure(batch: Batch, task: asyncio.Task) -> None:
+        """A line whose result could not be committed stays pending: it runs again when the
+        batch is next taken (after this run ends)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch %s: a line's result was not saved (%r); it will run again",
+                      batch.id, task.exception())
 
     async def _line(self, batch: Batch, line: Line) -> None:
         """Run one line until it has a result (or the batch must stop), and commit it."""

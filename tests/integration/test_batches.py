@@ -344,3 +344,17 @@ def test_with_two_workers_each_line_runs_once(fake, tmp_path):
             assert wait_status(client, batch.id, ("completed",)).request_counts.completed == 10
     for n in range(3):
         assert runs_of(fake, f"pair{n}") == {f"pair{n}-{i}": 1 for i in range(10)}
+
+
+def test_a_batch_cancelled_before_it_starts_ends_cancelled_with_nothing_run(fake, tmp_path):
+    box = Box(fake.url, tmp_path, batch_max_in_progress_per_key=2, batch_max_slots=1)
+    with box.up():
+        client = box.client()
+        held = start(client, batch_file(1, "ahead", delay=2.0))
+        box.kill()  # the batch is stored, but nobody runs it
+    with contextlib.closing(sqlite3.connect(box.db)) as db, db:
+        db.execute("UPDATE batches SET status = 'cancelling' WHERE id = ?", (held.id,))
+    with box.up():
+        done = wait_status(box.client(), held.id, ("cancelled",))
+    assert done.request_counts.completed == 0 and done.output_file_id is None
+    assert runs_of(fake, "ahead") == {}
