@@ -18,20 +18,22 @@ lease runs out. A lease, rather than assigning batches to worker 0: workers rest
 own, and a lease needs no coordinator. A runner takes only batches whose input file is on its
 own host's disk (``node``).
 
-Nothing lost, nothing repeated. A line is done when its result row commits (``record_result``:
-one INSERT under the primary key (batch, line), a no-op if the row is there). At any moment of
-a kill -9:
+Nothing lost, no result repeated. A line is done when its result row commits
+(``record_result``: one INSERT under the primary key (batch, line), a no-op if the row is
+there), and a resumed batch runs only the lines without a row. At any moment of a kill -9:
 
-* before the commit: the line has no row, so it is run again once the batch is resumed. Its
-  first run's engine request died with the gateway's connection (vLLM aborts a request whose
-  client left), so it never reached the engine's success count and was never billed (usage is
-  billed as the gateway's request ends).
-* after the commit: the row is there, and a resumed batch skips the line; the result written
-  in the output is the one committed.
+* a line with a committed row is never run again, and its committed result is the one in the
+  output: finished work is neither lost nor repeated;
+* a line without a row (not started, waiting its turn, or at the engine) is run again once the
+  batch is resumed: nothing is lost. Of these, the lines that were *at the engine* when the
+  gateway died (at most ``APPLIANCE_BATCH_MAX_SLOTS``) may have been finished by the engine
+  all the same: vLLM aborts a plain request whose client vanished only when it notices, which
+  a short request may outrun. Their generation is then done twice, and their output line is
+  still written once. Exactly-once at the engine would need the engine to remember request
+  ids across a client's death, which vLLM does not; the runner bounds the repeat to the lines
+  in flight instead, and the e2e test counts them by name in vLLM's request log.
 
-The one window where work is done twice is between the engine's last byte and the commit (one
-small transaction, milliseconds); the line then runs again, and its output holds it once. A
-batch's status moves by compare-and-set; output and error files have ids derived from the
+A batch's status moves by compare-and-set; output and error files have ids derived from the
 batch's, so finalizing twice (a kill between the file and the status) rewrites the same files.
 
 Lines a gateway could not run (its engine away, a rate limit, a turn not given within the
