@@ -173,8 +173,8 @@ class BatchApi:
             await form.close()
         if len(data) > self.max_file_bytes:
             raise self.too_large()
-        try:
-            lines = parse_lines(data, key.allows_model)
+        try:  # in a thread: a large file's lines take a while, and the loop serves others
+            lines = await asyncio.to_thread(parse_lines, data, key.allows_model)
         except BadFile as exc:
             raise bad_file(exc) from None
         stored = await self.storage.call("stored_bytes", key.name)
@@ -247,7 +247,8 @@ class BatchApi:
                              "as it may; wait for one to end or cancel one.", "too_many_batches",
                              headers={"Retry-After": "60"})
         try:  # again: the key's models may have changed since the upload
-            lines = parse_lines(await self.read(file_id), key.allows_model, endpoint)
+            lines = await asyncio.to_thread(parse_lines, await self.read(file_id),
+                                            key.allows_model, endpoint)
         except BadFile as exc:
             raise bad_file(exc) from None
         now = time.time()

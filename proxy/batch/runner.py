@@ -102,7 +102,6 @@ class Runner:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.keys: dict[str, tuple[Key | None, float]] = {}
-        self.inflight = 0
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._poll())
@@ -124,6 +123,7 @@ class Runner:
 
     async def _poll(self) -> None:
         while not self.stopping:
+            self.wakeup.clear()  # before looking: a wake while it looks is not lost
             try:
                 await self._take_batches()
                 self.metrics.batch_lines_queued.set(
@@ -132,7 +132,6 @@ class Runner:
                 log.warning("batch runner: the key store failed (%s); trying again", exc)
             except Exception:
                 log.exception("batch runner: unexpected failure; trying again")
-            self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), self.poll_s)
 
@@ -241,7 +240,7 @@ class Runner:
         try:
             if data is None:
                 raise BadFile(None, f"its input file {batch.input_file_id} is gone")
-            return parse_lines(data, lambda model: True, batch.endpoint)
+            return await asyncio.to_thread(parse_lines, data, lambda model: True, batch.endpoint)
         except BadFile as exc:
             error = {"code": "invalid_input_file", "message": str(exc), "param": None,
                      "line": exc.line}
@@ -336,12 +335,10 @@ class Runner:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
-        self.inflight += 1
         self.metrics.batch_lines_running.inc()
         try:
             await self.gateway(scope, receive, send)
         finally:
-            self.inflight -= 1
             self.metrics.batch_lines_running.dec()
             self.metrics.batch_slots_in_use.set(self.slots_in_use())
             accesslog.write(record, time.monotonic() - record.started)
