@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -358,3 +359,27 @@ def test_a_batch_cancelled_before_it_starts_ends_cancelled_with_nothing_run(fake
         done = wait_status(box.client(), held.id, ("cancelled",))
     assert done.request_counts.completed == 0 and done.output_file_id is None
     assert runs_of(fake, "ahead") == {}
+
+
+def test_live_requests_go_before_batch_lines_waiting_for_a_slot(fake, tmp_path):
+    """Every engine slot may go to the batch while nobody else asks; once live requests wait,
+    each slot a batch line frees goes to them, and no further line starts until they ran."""
+    box = Box(fake.url, tmp_path, engine_concurrency=2, batch_max_slots=2)
+    with box.up():
+        client = box.client()
+        live = box.client("interactive")
+        batch = start(client, batch_file(40, "busy", delay=0.3))
+        wait_status(client, batch.id, ("in_progress",))
+        time.sleep(0.5)
+        before = sum(runs_of(fake, "busy").values())
+
+        def ask(i: int) -> None:
+            live.chat.completions.create(model="fake-model", max_tokens=2, user=f"live-{i}",
+                                         messages=[{"role": "user", "content": "now"}],
+                                         extra_body={"fake": {"delay": 0.3}})
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(ask, range(6)))
+        after = sum(runs_of(fake, "busy").values())
+        assert after - before <= 2  # only the lines already at the engine when they came
+        assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
