@@ -383,3 +383,38 @@ def test_live_requests_go_before_batch_lines_waiting_for_a_slot(fake, tmp_path):
         after = sum(runs_of(fake, "busy").values())
         assert after - before <= 2  # only the lines already at the engine when they came
         assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+
+
+def test_batches_page_through_with_limit_and_after(box):
+    client = box.client("pager")
+    ids = [start(client, batch_file(1, f"page{n}")).id for n in range(3)]
+    first = client.batches.list(limit=2)
+    assert [b.id for b in first.data] == ids[:0:-1] and first.has_more
+    assert [b.id for b in client.batches.list(limit=2, after=ids[1]).data] == [ids[0]]
+    assert [b.id for b in client.batches.list(limit=1)] == ids[::-1]  # the SDK follows after
+
+
+def test_an_input_file_of_a_running_batch_cannot_be_deleted(box):
+    client = box.client("keeper")
+    uploaded = upload(client, batch_file(10, "keep", delay=0.3))
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    with pytest.raises(openai.ConflictError):
+        client.files.delete(uploaded.id)
+    client.batches.cancel(batch.id)
+    wait_status(client, batch.id, ("cancelled",))
+    assert client.files.delete(uploaded.id).deleted
+
+
+def test_lines_over_the_keys_rate_limit_wait_and_then_run(box, fake):
+    client = box.client("metered", "--rpm", "60")
+    batch = start(client, batch_file(63, "rpm"))
+    done = wait_status(client, batch.id, ("completed",), timeout=30)
+    assert done.request_counts.completed == 63 and done.request_counts.failed == 0
+    assert runs_of(fake, "rpm") == {f"rpm-{i}": 1 for i in range(63)}
+    metrics = httpx.get(box.url + "/metrics").text
+    assert 'appliance_rate_limited_total{key="metered",limit="requests"}' in metrics
+    for name in ("appliance_batch_lines_total", "appliance_batch_lines_queued",
+                 "appliance_batch_lines_running", "appliance_batch_slots_in_use"):
+        assert name in metrics
+    assert 'appliance_batch_lines_total{outcome="done"}' in metrics
