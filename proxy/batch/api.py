@@ -8,8 +8,10 @@ id that never existed, so ids reveal nothing.
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -29,7 +31,7 @@ from ..protocol.routes import (
     path_id,
     route_for,
 )
-from ..relay.exchange import send_answer
+from ..relay.exchange import answer_start, send_answer
 from .jobs import (
     ACTIVE,
     COMPLETION_WINDOWS,
@@ -40,7 +42,7 @@ from .jobs import (
     new_batch_id,
     new_file_id,
 )
-from .lines import BATCH_URLS, BadFile, parse_lines
+from .lines import BATCH_URLS, BadFile, count_lines
 from .storage import Storage, batch_from_row, file_from_row
 
 JSON = [(b"content-type", b"application/json")]
@@ -102,6 +104,9 @@ class BatchApi:
             record.key = key.name
             status, headers, body = await self.answer(route, path_id(route, path), key, scope,
                                                       receive)
+            if isinstance(body, Path):
+                await self.send_file(send, record, headers, body)
+                return
         except ProxyError as err:
             record.error = err.code
             status, body = err.status, err.body()
@@ -123,8 +128,11 @@ class BatchApi:
             return self.json(await self.list_files(key, query))
         if route is FILE_CONTENT:
             stored = await self.own_file(key, ident)
-            data = await self.read(stored.id)
-            return 200, [(b"content-type", b"application/octet-stream")], data
+            path = self.storage.path_of(stored.id)
+            if not path.exists():
+                raise ProxyError(404, f"The bytes of file {stored.id} are not on this "
+                                 "appliance.", "not_found")
+            return 200, [(b"content-type", b"application/octet-stream")], path
         if route is FILE:
             stored = await self.own_file(key, ident)
             if method == "DELETE":
@@ -167,26 +175,34 @@ class BatchApi:
                               "invalid_value")
             if upload is None or isinstance(upload, str):
                 raise invalid("Send the file in a multipart field named 'file'.", "file")
-            data = await upload.read()
             filename = (upload.filename or "upload.jsonl")[:255]
+            file_id = new_file_id()
+            # Copied to its place and checked there, a line at a time, in a thread: a file of
+            # hundreds of megabytes is never held in memory, nor blocks the loop.
+            upload.file.seek(0)
+            size = await asyncio.to_thread(self.storage.write_stream, file_id,
+                                           iter(lambda: upload.file.read(1 << 20), b""))
         finally:
             await form.close()
-        if len(data) > self.max_file_bytes:
-            raise self.too_large()
-        try:  # in a thread: a large file's lines take a while, and the loop serves others
-            lines = await asyncio.to_thread(parse_lines, data, key.allows_model)
-        except BadFile as exc:
-            raise bad_file(exc) from None
-        stored = await self.storage.call("stored_bytes", key.name)
-        if stored + len(data) > self.max_stored_bytes:
-            raise invalid(f"Key {key.name!r} stores {stored} bytes of files; this one would "
-                          f"pass its limit of {self.max_stored_bytes}. Delete files it no "
-                          "longer needs.", "file", "storage_limit_exceeded")
-        file_id = new_file_id()
-        row = (file_id, key.name, purpose, filename, len(data), len(lines), time.time(),
-               self.storage.node)
-        await asyncio.to_thread(self.storage.write_bytes, file_id, data)
-        await self.storage.call("add_file", row)
+        try:
+            if size > self.max_file_bytes:
+                raise self.too_large()
+            try:
+                lines = await asyncio.to_thread(count_lines, self.storage.lines_of(file_id),
+                                                key.allows_model)
+            except BadFile as exc:
+                raise bad_file(exc) from None
+            stored = await self.storage.call("stored_bytes", key.name)
+            if stored + size > self.max_stored_bytes:
+                raise invalid(f"Key {key.name!r} stores {stored} bytes of files; this one would "
+                              f"pass its limit of {self.max_stored_bytes}. Delete files it no "
+                              "longer needs.", "file", "storage_limit_exceeded")
+            row = (file_id, key.name, purpose, filename, size, lines, time.time(),
+                   self.storage.node)
+            await self.storage.call("add_file", row)
+        except BaseException:
+            await asyncio.to_thread(self.storage.remove_bytes, file_id)
+            raise
         return file_from_row(row).as_openai()
 
     def too_large(self) -> ProxyError:
@@ -206,12 +222,15 @@ class BatchApi:
             raise not_found("file", str(file_id))
         return file_from_row(row)
 
-    async def read(self, file_id: str) -> bytes:
-        data = await asyncio.to_thread(self.storage.read_bytes, file_id)
-        if data is None:
-            raise ProxyError(404, f"The bytes of file {file_id} are not on this appliance.",
-                             "not_found")
-        return data
+    async def send_file(self, send, record: RequestRecord, headers: list, path: Path) -> None:
+        """A stored file, a megabyte at a time (results may be hundreds of megabytes)."""
+        with open(path, "rb") as source:
+            size = os.fstat(source.fileno()).st_size
+            await send(answer_start(record, 200, [*headers,
+                                                  (b"content-length", str(size).encode())]))
+            while chunk := await asyncio.to_thread(source.read, 1 << 20):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def delete(self, key: Key, file_id: str) -> dict:
         if await self.storage.call("file_in_use", file_id, ACTIVE):
@@ -246,16 +265,19 @@ class BatchApi:
             raise ProxyError(429, f"Key {key.name!r} has {running} batches unfinished, as many "
                              "as it may; wait for one to end or cancel one.", "too_many_batches",
                              headers={"Retry-After": "60"})
+        source = self.storage.lines_of(file_id)
+        if source is None:
+            raise ProxyError(404, f"The bytes of file {file_id} are not on this appliance.",
+                             "not_found")
         try:  # again: the key's models may have changed since the upload
-            lines = await asyncio.to_thread(parse_lines, await self.read(file_id),
-                                            key.allows_model, endpoint)
+            lines = await asyncio.to_thread(count_lines, source, key.allows_model, endpoint)
         except BadFile as exc:
             raise bad_file(exc) from None
         now = time.time()
         row = {"id": new_batch_id(), "owner": key.name, "node": stored.node,
                "input_file_id": file_id, "endpoint": endpoint, "completion_window": window,
                "metadata": None if metadata is None else json.dumps(metadata),
-               "status": "validating", "total": len(lines), "created_at": now,
+               "status": "validating", "total": lines, "created_at": now,
                "expires_at": now + COMPLETION_WINDOWS[window]}
         await self.storage.call("add_batch", row)
         self.started()

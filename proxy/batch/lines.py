@@ -12,7 +12,7 @@ the engine) is checked as the line runs, by the gateway itself.
 """
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..protocol.routes import ROUTES
@@ -42,33 +42,45 @@ class Line:
     body: dict
 
 
-def parse_lines(data: bytes, allows_model: Callable[[str], bool],
+def parse_lines(data: bytes | Iterable[bytes], allows_model: Callable[[str], bool],
                 endpoint: str | None = None, max_lines: int = MAX_LINES) -> list[Line]:
-    """Every request line of a file, checked; BadFile for the first line that is not fit.
+    """Every request line of a file, checked; BadFile for the first line that is not fit."""
+    return list(each_line(data, allows_model, endpoint, max_lines))
+
+
+def each_line(data: bytes | Iterable[bytes], allows_model: Callable[[str], bool],
+              endpoint: str | None = None, max_lines: int = MAX_LINES) -> Iterator[Line]:
+    """The request lines of a file (its bytes, or its lines as an open file gives them), one
+    at a time, so a large file is never held whole; BadFile for the first line not fit.
 
     ``endpoint``: a batch's, which every line's ``url`` must equal (None on upload: any route
     a batch may run). Blank lines are skipped, but counted, so numbers match an editor's.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadFile(data[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
-    lines: list[Line] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
+    raw_lines = data.split(b"\n") if isinstance(data, bytes) else data
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadFile(number, "not UTF-8 text") from None
+        if not text.strip():
             continue
-        line = check_line(number, raw, allows_model, endpoint)
+        line = check_line(number, text, allows_model, endpoint)
         if line.custom_id in seen:
             raise BadFile(number, f"custom_id {line.custom_id!r} repeats line "
                                   f"{seen[line.custom_id]}; each must be unique")
         seen[line.custom_id] = number
-        lines.append(line)
-        if len(lines) > max_lines:
+        if len(seen) > max_lines:
             raise BadFile(number, f"a batch holds at most {max_lines} requests")
-    if not lines:
+        yield line
+    if not seen:
         raise BadFile(None, "the file holds no requests")
-    return lines
+
+
+def count_lines(data: bytes | Iterable[bytes], allows_model: Callable[[str], bool],
+                endpoint: str | None = None) -> int:
+    """How many request lines a file holds, every one checked, none kept."""
+    return sum(1 for _ in each_line(data, allows_model, endpoint))
 
 
 def check_line(number: int, raw: str, allows_model: Callable[[str], bool],

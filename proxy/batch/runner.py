@@ -51,7 +51,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..keys.store import Key, StoreUnavailable, UnknownKey
@@ -59,7 +59,7 @@ from ..observe import accesslog
 from ..observe.accesslog import RequestRecord
 from ..observe.metrics import Metrics
 from .jobs import ACTIVE, Batch, advance, output_file_id
-from .lines import BadFile, Line, error_line, jsonl, line_id, parse_lines, result_line, succeeded
+from .lines import BadFile, Line, each_line, error_line, jsonl, line_id, result_line, succeeded
 from .storage import Storage, batch_from_row
 
 log = logging.getLogger("appliance.batch")
@@ -200,26 +200,29 @@ class Runner:
     async def _run(self, batch: Batch) -> None:
         if batch.status == "validating":
             batch = await self._move(batch, "start")
-        if batch.status in ("in_progress", "cancelling"):
-            lines = await self._lines(batch)
-            if lines is None:
+        if batch.status == "cancelling":
+            await self._finalize(batch, "cancelling", "cancelled", None)
+        elif batch.status == "in_progress":
+            try:
+                await self._run_lines(batch)
+            except BadFile as exc:  # its input file is gone or damaged: nothing can run
+                error = {"code": "invalid_input_file", "message": str(exc), "param": None,
+                         "line": exc.line}
+                await self.storage.call("move", batch.id, batch.status, "failed", time.time(),
+                                        errors=[error])
                 return
-            if batch.status == "cancelling":
-                await self._finalize(batch, "cancelling", "cancelled", lines, None)
-                return
-            await self._run_lines(batch, lines)
             why = self.why_stop(batch)
             if why == "cancel":
-                await self._finalize(batch, "cancelling", "cancelled", lines, None)
+                await self._finalize(batch, "cancelling", "cancelled", None)
             elif why == "expire":
-                await self._finalize(batch, "in_progress", "expired", lines, "batch_expired")
-            elif why is None and len(await self.storage.call("done_lines", batch.id)) == len(
-                    lines):
+                await self._finalize(batch, "in_progress", "expired", "batch_expired")
+            elif why is None and len(await self.storage.call("done_lines", batch.id)) == \
+                    batch.total:
                 batch = await self._move(batch, "all_done")
             else:
                 return  # drained, taken over, or a line's result not committed: resumed later
         if batch.status == "finalizing":
-            await self._finalize(batch, "finalizing", "completed", None, None)
+            await self._finalize(batch, "finalizing", "completed", None)
 
     async def _move(self, batch: Batch, event: str) -> Batch:
         """One status move, or Stop when another runner or a cancel moved it first."""
@@ -235,35 +238,33 @@ class Runner:
             raise Stop
         return batch
 
-    async def _lines(self, batch: Batch) -> list[Line] | None:
-        data = await asyncio.to_thread(self.storage.read_bytes, batch.input_file_id)
-        try:
-            if data is None:
-                raise BadFile(None, f"its input file {batch.input_file_id} is gone")
-            return await asyncio.to_thread(parse_lines, data, lambda model: True, batch.endpoint)
-        except BadFile as exc:
-            error = {"code": "invalid_input_file", "message": str(exc), "param": None,
-                     "line": exc.line}
-            await self.storage.call("move", batch.id, batch.status, "failed", time.time(),
-                                    errors=[error])
-            return None
+    def _lines(self, batch: Batch) -> Iterator[Line]:
+        """The batch's lines, read from its input file as they are asked for (a large file is
+        never held whole); BadFile when the file is gone or no longer what was checked."""
+        source = self.storage.lines_of(batch.input_file_id)
+        if source is None:
+            raise BadFile(None, f"its input file {batch.input_file_id} is gone")
+        return each_line(source, lambda model: True, batch.endpoint)
 
-    async def _run_lines(self, batch: Batch, lines: list[Line]) -> None:
+    async def _run_lines(self, batch: Batch) -> None:
         done = await self.storage.call("done_lines", batch.id)
-        pending = [line for line in lines if line.number not in done]
         free = asyncio.Semaphore(self.slots)
         tasks: set[asyncio.Task] = set()
-        for line in pending:
-            await free.acquire()
-            if self.why_stop(batch) is not None:
-                free.release()
-                break
-            task = asyncio.create_task(self._line(batch, line))
-            tasks.add(task)
-            task.add_done_callback(lambda t: (tasks.discard(t), free.release(),
-                                              self._note_failure(batch, t)))
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            for line in self._lines(batch):
+                if line.number in done:
+                    continue
+                await free.acquire()
+                if self.why_stop(batch) is not None:
+                    free.release()
+                    break
+                task = asyncio.create_task(self._line(batch, line))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), free.release(),
+                                                  self._note_failure(batch, t)))
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
     def _note_failure(batch: Batch, task: asyncio.Task) -> None:
@@ -377,7 +378,7 @@ class Runner:
         self.keys[name] = (key, time.monotonic())
         return key
 
-    async def _finalize(self, batch: Batch, old: str, new: str, lines: list[Line] | None,
+    async def _finalize(self, batch: Batch, old: str, new: str,
                         unrun_code: str | None) -> None:
         """Write the output and error files from the committed results, then move the status
         and name the files in one transaction. Files first: a kill between the two leaves the
@@ -385,11 +386,12 @@ class Runner:
         results = await self.storage.call("results", batch.id)
         output = [json.loads(result) for _, status, result in results if succeeded(status)]
         errors = [json.loads(result) for _, status, result in results if not succeeded(status)]
-        if unrun_code is not None and lines is not None:
+        if unrun_code is not None:
             done = {number for number, _, _ in results}
-            errors += [error_line(line_id(batch.id, line.number), line.custom_id, unrun_code,
-                                  "The batch ended before this request ran.")
-                       for line in lines if line.number not in done]
+            with contextlib.suppress(BadFile):  # no input left: no lines to name
+                errors += [error_line(line_id(batch.id, line.number), line.custom_id,
+                                      unrun_code, "The batch ended before this request ran.")
+                           for line in self._lines(batch) if line.number not in done]
         names = {}
         for kind, rows in (("output", output), ("errors", errors)):
             if not rows:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..keys.jobs import JobTables
@@ -87,26 +87,45 @@ class Storage:
         return self.directory / f"{file_id}.jsonl"
 
     def write_bytes(self, file_id: str, data: bytes) -> None:
-        """Whole or not at all: a temporary name, fsync, rename, fsync of the directory."""
+        self.write_stream(file_id, [data])
+
+    def write_stream(self, file_id: str, chunks: Iterable[bytes]) -> int:
+        """Whole or not at all: a temporary name, fsync, rename, fsync of the directory.
+        Returns the bytes written."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.path_of(file_id)
         partial = final.with_suffix(".partial")
-        with open(partial, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        size = 0
+        try:
+            with open(partial, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, final)
         fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        return size
 
-    def read_bytes(self, file_id: str) -> bytes | None:
+    def lines_of(self, file_id: str) -> Iterator[bytes] | None:
+        """A stored file's lines, read as they are asked for; None when its bytes are gone."""
         try:
-            return self.path_of(file_id).read_bytes()
+            source = open(self.path_of(file_id), "rb")  # noqa: SIM115 - closed by the generator
         except FileNotFoundError:
             return None
+
+        def lines() -> Iterator[bytes]:
+            with source:
+                yield from source
+
+        return lines()
 
     def remove_bytes(self, file_id: str) -> None:
         self.path_of(file_id).unlink(missing_ok=True)

@@ -6,6 +6,8 @@ import pytest
 
 from proxy.batch.lines import (
     BadFile,
+    count_lines,
+    each_line,
     error_line,
     line_id,
     parse_lines,
@@ -93,3 +95,12 @@ def test_output_and_error_lines_take_openais_shape():
     assert never == {"id": "batch_req_abc_4", "custom_id": "r4", "response": None,
                      "error": {"code": "batch_expired", "message": "too late"}}
     assert succeeded(200) and not succeeded(404) and not succeeded(500)
+
+
+def test_an_open_files_lines_are_checked_one_at_a_time(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(f"{request('a')}\r\n\n{request('b')}\n".encode())
+    with path.open("rb") as source:
+        assert count_lines(source, every_model) == 2
+    with path.open("rb") as source:
+        assert [line.number for line in each_line(source, every_model)] == [1, 3]
