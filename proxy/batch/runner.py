@@ -140,9 +140,7 @@ class Runner:
             return
         for batch_id in list(self.running):  # a cancel here is noticed without the next renew
             if batch_id not in self.cancelled:
-                row = await self.storage.call("batch", batch_id)
-                if row is not None and row[7] == "cancelling":
-                    self.cancelled.add(batch_id)
+                await self._note_cancel(batch_id)
         while len(self.running) < MAX_RUNNING_BATCHES:
             row = await self.storage.call("claim", self.storage.node, self.holder, time.time(),
                                           self.lease_s, ACTIVE, tuple(self.running))
@@ -177,11 +175,15 @@ class Runner:
                     log.warning("batch %s: its lease was taken over; stopping here", batch_id)
                     self.lost.add(batch_id)
                     return
-                row = await self.storage.call("batch", batch_id)
-                if row is not None and row[7] == "cancelling":
-                    self.cancelled.add(batch_id)
+                await self._note_cancel(batch_id)
             except StoreUnavailable as exc:
                 log.warning("batch %s: lease not renewed (%s)", batch_id, exc)
+
+    async def _note_cancel(self, batch_id: str) -> None:
+        """A cancel may come through any worker: the database says whether one came."""
+        row = await self.storage.call("batch", batch_id)
+        if row is not None and batch_from_row(row).status == "cancelling":
+            self.cancelled.add(batch_id)
 
     def why_stop(self, batch: Batch) -> str | None:
         """Why no further line of ``batch`` may start now, or None."""
