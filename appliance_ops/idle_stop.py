@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("idle stop is off (APPLIANCE_IDLE_STOP_MINUTES is 0)")
         return 0
     verdict = decide(gateway_activity(settings), ssh_sessions(settings.ssh_port), time.time(),
-                     settings.idle_stop_minutes)
+                     settings.idle_stop_minutes, settings.idle_stop_ignores_batches)
     log.info("%s", verdict.reason)
     if not verdict.stop:
         return 0

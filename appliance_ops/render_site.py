@@ -72,6 +72,9 @@ class SiteParams:
     https_port: int = 443
     webroot: str = "/var/www/appliance-acme"
     body_size: str = "16m"
+    file_body_size: str = "201m"
+    """``/v1/files`` uploads only: above the gateway's APPLIANCE_BATCH_MAX_FILE_BYTES (200 MB)
+    and a multipart envelope, so the gateway, not NGINX, says what the limit is."""
     access_log: str = "/var/log/nginx/appliance.access.log"
     error_log: str = "/var/log/nginx/appliance.error.log"
     long_timeout_s: int = 660
@@ -124,8 +127,10 @@ def problems(params: SiteParams) -> list[str]:
         found.append(f"upstream {params.upstream!r} is not host:port")
     elif not 1 <= params.gateway_workers <= 65536 - int(port):
         found.append(f"gateway_workers {params.gateway_workers} does not fit above port {port}")
-    if not SIZE.match(params.body_size):
-        found.append(f"body size {params.body_size!r} is not an NGINX size such as 16m")
+    for name in ("body_size", "file_body_size"):
+        if not SIZE.match(getattr(params, name)):
+            found.append(f"{name.replace('_', ' ')} {getattr(params, name)!r} is not an NGINX "
+                         "size such as 16m")
     # NGINX itself refuses burst=0.
     for name in ("long_timeout_s", "short_timeout_s", "rate_per_s", "burst", "conn_per_ip"):
         if getattr(params, name) < 1:
@@ -172,6 +177,7 @@ def values(params: SiteParams, out_dir: Path) -> dict[str, str]:
         "UPSTREAM_SERVERS": upstream_servers(params),
         "WEBROOT": params.webroot,
         "BODY_SIZE": params.body_size,
+        "FILE_BODY_SIZE": params.file_body_size,
         "ACCESS_LOG": params.access_log,
         "ERROR_LOG": params.error_log,
         "LONG_TIMEOUT_S": str(params.long_timeout_s),

@@ -25,6 +25,9 @@ class OpsSettings(BaseSettings):
     idle_stop_minutes: float = Field(0.0, ge=0)
     """Power off after this long without a generation request answered and without an SSH
     session; 0 (the default) never does."""
+    idle_stop_ignores_batches: bool = False
+    """Power off even while batch lines wait to run (they resume at the next boot); by
+    default a batch still running keeps the appliance up."""
     idle_stop_command: str = "systemctl poweroff"
     """What powering off runs (shell words, no shell)."""
     ssh_port: int = Field(22, gt=0, lt=65536)

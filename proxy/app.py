@@ -1,8 +1,11 @@
 """create_app(settings): the gateway's parts, wired once, in the order a request meets them.
 
     Appliance (request id, access log, request metrics)
+      ├── BatchApi    /v1/files*, /v1/batches*: stored jobs (``proxy/batch/``)
       ├── Gateway     /v1/* and vLLM's other API routes -> the engine
       └── FastAPI     /health, /ready, /metrics, the OpenAPI description
+
+    Runner (lifespan task): batch lines -> the same Gateway, at background priority
 """
 
 import asyncio
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +25,9 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from .batch.api import BatchApi
+from .batch.runner import Runner
+from .batch.storage import Storage
 from .gateway import Gateway
 from .keys.auth import Authenticator
 from .keys.backends import is_postgres, open_store
@@ -29,7 +36,7 @@ from .observe import accesslog
 from .observe.accesslog import RequestRecord
 from .observe.metrics import Metrics, QuotaFamilies
 from .protocol.errors import ProxyError
-from .protocol.routes import GENERATION_PATHS, ROUTES, api_of, is_gateway_path
+from .protocol.routes import GENERATION_PATHS, ROUTES, api_of, is_gateway_path, route_for
 from .protocol.salt import CacheSalts
 from .relay.drain import RELAYED, Drain, tell_siblings
 from .relay.engines import Engines, not_ready
@@ -103,12 +110,22 @@ def error_response(err: ProxyError, path: str = "") -> JSONResponse:
     return JSONResponse(err.payload(api_of(path)), status_code=err.status, headers=err.headers)
 
 
+BATCH_PREFIXES = ("/v1/files", "/v1/batches")
+
+
+def is_batch_route(path: str) -> bool:
+    route = route_for(path)
+    return route is not None and route.served_by == "batch"
+
+
 class Appliance:
     """The outermost ASGI app: every request gets an id, a metric and one access-log line."""
 
-    def __init__(self, api: FastAPI, gateway: Gateway, metrics: Metrics, drain: Drain) -> None:
+    def __init__(self, api: FastAPI, gateway: Gateway, metrics: Metrics, drain: Drain,
+                 batches: BatchApi) -> None:
         self.api = api
         self.gateway = gateway
+        self.batches = batches
         self.metrics = metrics
         self.drain = drain
 
@@ -126,6 +143,8 @@ class Appliance:
                 err = self.drain.refusal()
                 record.error = err.code
                 await error_response(err, path)(scope, receive, with_id(send, record))
+            elif path.startswith(BATCH_PREFIXES) and is_batch_route(path):
+                await self.batches(scope, receive, send)
             elif is_gateway_path(path):  # its answers carry the id themselves (``answer_start``)
                 await self.gateway(scope, receive, send)
             else:
@@ -186,7 +205,8 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
     auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
     engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda: FairQueue(
         settings.engine_concurrency, settings.max_queued_per_key,
-        admission_observer(metrics, lambda: engines, len(settings.engine_endpoints) > 1)))
+        admission_observer(metrics, lambda: engines, len(settings.engine_endpoints) > 1),
+        background_cap=settings.batch_max_slots))
     forwarder = Forwarder(engines,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(store, settings.usage_flush_interval_s, metrics)
@@ -195,6 +215,15 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
     salts = CacheSalts(settings.cache_salt_secret or settings.engine_api_key)
     gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, quota, salts)
     drain = Drain()
+    storage = Storage(store, settings.batch_dir, socket.gethostname())
+    runner = Runner(storage, gateway, slots=settings.batch_max_slots,
+                    lease_s=settings.batch_lease_s, poll_s=settings.batch_poll_interval_s,
+                    metrics=metrics, draining=lambda: drain.active,
+                    slots_in_use=lambda: sum(e.queue.background_running for e in engines.all))
+    batches = BatchApi(auth, storage, max_file_bytes=settings.batch_max_file_bytes,
+                       max_stored_bytes=settings.batch_max_stored_bytes_per_key,
+                       max_in_progress=settings.batch_max_in_progress_per_key,
+                       started=runner.wake)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -202,9 +231,12 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
         if shared is not None:
             quota.start()
         await engines.check_all()
+        runner.start()
         try:
             yield
         finally:
+            await runner.stop()  # running lines finish and are billed before the ledger stops
+            storage.close()
             if shared is not None:
                 await quota.stop()
                 await shared.client.aclose(close_connection_pool=True)
@@ -290,4 +322,4 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
             await tell_siblings(settings.proxy_host, list(siblings), reason)
         return JSONResponse({"status": "draining", "reason": drain.reason, "since": drain.since})
 
-    return Appliance(api, gateway, metrics, drain)
+    return Appliance(api, gateway, metrics, drain, batches)

@@ -115,7 +115,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list keys and their limits (never their secrets)")
     revoke = sub.add_parser("revoke", help="revoke a key; the proxy refuses it within a second")
     revoke.add_argument("name")
-    usage = sub.add_parser("usage", help="requests and tokens per key, and the quota period's")
+    usage = sub.add_parser("usage", help="requests and tokens per key, the quota period's, "
+                           "and of them the tokens batch lines used")
     usage.add_argument("name", nargs="?")
     return p
 
@@ -199,14 +200,16 @@ def run(args: argparse.Namespace, store: KeyStore) -> int:
         store.revoke(args.name)
         print(f"revoked key {args.name!r}", file=sys.stderr)
     elif args.command == "usage":
+        # BATCH: of the tokens before it, those batch lines used (proxy/batch/).
+        batch = store.jobs().batch_tokens()
         print(f"{'NAME':20} {'REQUESTS':>10} {'PROMPT':>12} {'COMPLETION':>12} {'PERIOD':10} "
-              f"{'QUOTA':>12} {'USED':>12} {'LEFT':>12}")
+              f"{'QUOTA':>12} {'USED':>12} {'LEFT':>12} {'BATCH':>12}")
         for report in store.reports(args.name, now):
             total = report.total
             print(f"{total.name:20} {total.requests:>10} {total.prompt_tokens:>12} "
                   f"{total.completion_tokens:>12} {report.period:10} "
                   f"{limit(report.key.quota_tokens):>12} {report.period_tokens:>12} "
-                  f"{limit(report.quota_left):>12}")
+                  f"{limit(report.quota_left):>12} {batch.get(total.name, 0):>12}")
     return 0
 
 

@@ -248,7 +248,8 @@ class Gateway:
         path, method = scope["path"], scope["method"]
         route = route_of(path, method)
         headers = dict(scope["headers"])
-        key = await self.auth.authenticate(api_key(headers))
+        batch_key = scope["state"].get("batch_key")  # a batch line: only proxy.batch sets it
+        key = batch_key or await self.auth.authenticate(api_key(headers))
         record.key = key.name
         raw = await read_body(receive, self.settings.max_body_bytes,
                               headers.get(b"content-length"))
@@ -264,7 +265,7 @@ class Gateway:
         record.engine = engine.name
         record.model = (body.get("model") or "") if body is not None else ""
         self.metrics.engine_requests.labels(engine.name, record.model).inc()
-        tenant = Tenant(key.name, key.weight, key.max_concurrent)
+        tenant = Tenant(key.name, key.weight, key.max_concurrent, batch_key is not None)
         sequences = self.check_sequences(route, engine, tenant, body)
         if body is not None and route.generates and self.settings.default_max_tokens:
             capped = self.with_default_cap(route, engine, body)

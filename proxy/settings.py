@@ -120,6 +120,25 @@ class ProxySettings(BaseSettings):
     usage_flush_interval_s: PositiveFloat = 1.0
     """How often per-key usage is written to the key store."""
 
+    batch_dir: Path = Path("/var/lib/appliance/batches")
+    """Where the Files API keeps uploaded batch inputs and written batch results."""
+    batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    """Largest file one upload may hold (NGINX's ``client_max_body_size`` on ``/v1/files``)."""
+    batch_max_stored_bytes_per_key: int = Field(2 * 1024 ** 3, ge=1024)
+    """Bytes of files one key may keep stored at once (its batches' results included)."""
+    batch_max_in_progress_per_key: int = Field(4, ge=1)
+    """Batches one key may have unfinished at once; more get 429 ``too_many_batches``."""
+    batch_max_slots: int | None = Field(None, ge=1)
+    """Engine slots batch lines may hold at once, per worker's share of an engine (never more
+    than the share). Default: half the share, so live traffic arriving while a batch runs
+    finds slots free."""
+    batch_lease_s: PositiveFloat = 30.0
+    """A running batch's lease in the database, renewed while it runs; a gateway that died
+    leaves it to be taken over this long after its last renewal."""
+    batch_poll_interval_s: PositiveFloat = 1.0
+    """How often a gateway looks for a batch to run (and a new batch starts at once in the
+    worker that created it)."""
+
     log_level: str = "info"
 
     @field_validator("default_max_tokens", mode="before")
@@ -163,6 +182,8 @@ class ProxySettings(BaseSettings):
                 " at least one engine slot")
         if self.proxy_port + self.proxy_workers - 1 > 65535:
             raise ValueError("APPLIANCE_PROXY_PORT + APPLIANCE_PROXY_WORKERS - 1 is not a port")
+        if self.batch_max_slots is None:
+            self.batch_max_slots = max(1, self.engine_concurrency // 2)
         one_key = self.engine_concurrency + self.max_queued_per_key
         if self.max_inflight is None:
             self.max_inflight = 4 * one_key

@@ -34,6 +34,8 @@ class Stats:
         """Completion tokens answered or streamed, as vLLM's generation_tokens_total counts."""
         self.last_headers: dict[str, str] = {}
         self.last_body: Any = None
+        self.by_user: dict[str, int] = {}
+        """Plain answers completed per request ``user``: a test counts each request it tagged."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +46,7 @@ class Stats:
             "generated": self.generated,
             "last_headers": self.last_headers,
             "last_body": self.last_body,
+            "by_user": self.by_user,
         }
 
 
@@ -125,6 +128,9 @@ class FakeEngine:
                 disconnected.cancel()
             self.stats.completed += 1
             self.stats.generated += n
+            if isinstance(request.get("user"), str):
+                users = self.stats.by_user
+                users[request["user"]] = users.get(request["user"], 0) + 1
             await respond(send, 200, completion_body(chat, n, prompt_tokens))
             return
         await self.stream(chat, n, prompt_tokens, request, fake, receive, send)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .jobs import BATCH_TABLES_POSTGRES, JobTables, PostgresTx
 from .store import (
     CACHE_GROUP_COLUMN,
     KEY_COLUMNS,
@@ -77,7 +78,8 @@ V1_SCHEMA = (
 )
 # Version 2: keys in one cache group share the engine's prefix cache.
 V2_CACHE_GROUP = (f"ALTER TABLE keys ADD COLUMN IF NOT EXISTS {CACHE_GROUP_COLUMN}",)
-MIGRATIONS: tuple[tuple[str, ...], ...] = (V1_SCHEMA, V2_CACHE_GROUP)
+# Version 3: the Batches API's files, jobs and line results (``jobs``): only new tables.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (V1_SCHEMA, V2_CACHE_GROUP, BATCH_TABLES_POSTGRES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -133,6 +135,16 @@ class PostgresKeyStore:
 
     def close(self) -> None:
         self.pool.close()
+
+    def jobs(self) -> JobTables:
+        """The batch tables over this pool (safe to share between threads)."""
+
+        @contextlib.contextmanager
+        def transaction() -> Iterator[PostgresTx]:
+            with self.connection() as conn:
+                yield PostgresTx(conn)
+
+        return JobTables(transaction)
 
     def still_there(self) -> bool:
         return True

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .jobs import BATCH_TABLES_SQLITE, JobTables, SqliteTx
 from .store import (
     CACHE_GROUP_COLUMN,
     KEY_COLUMNS,
@@ -96,8 +97,15 @@ def _add_cache_group(db: sqlite3.Connection) -> None:
         db.execute(f"ALTER TABLE keys ADD COLUMN {CACHE_GROUP_COLUMN}")
 
 
+def _add_batch_tables(db: sqlite3.Connection) -> None:
+    """Version 4: the Batches API's files, jobs and line results (``jobs``): only new tables."""
+    for statement in BATCH_TABLES_SQLITE:
+        db.execute(statement)
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _add_tenancy,
-                                                                _add_cache_group)
+                                                                _add_cache_group,
+                                                                _add_batch_tables)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 def schema_version(db: sqlite3.Connection) -> int:
@@ -148,6 +156,19 @@ class SqliteKeyStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def jobs(self) -> JobTables:
+        """The batch tables on this connection (use it from one thread at a time)."""
+
+        @contextlib.contextmanager
+        def transaction() -> Iterator[SqliteTx]:
+            try:
+                with self.transaction():
+                    yield SqliteTx(self.db)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"key store: {exc}") from exc
+
+        return JobTables(transaction)
 
     def still_there(self) -> bool:
         """False once the file was removed or replaced under an open connection."""

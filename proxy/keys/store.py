@@ -17,7 +17,10 @@ import re
 import secrets
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .jobs import JobTables
 
 SECRET_PREFIX = "sk-app-"
 PERIODS = ("day", "month")
@@ -246,6 +249,10 @@ class KeyStore(Protocol):
     """
 
     def close(self) -> None: ...
+
+    def jobs(self) -> "JobTables":
+        """The Batches API's tables in the same database (``jobs``)."""
+        ...
 
     def still_there(self) -> bool:
         """False once the store went away under the open handle (reopen it)."""

@@ -116,6 +116,20 @@ class Metrics:
         self.limits_store_errors = Counter("appliance_limits_store_errors_total",
                                            "Calls to the limits store that failed.", registry=r)
 
+        self.batch_lines_queued = Gauge("appliance_batch_lines_queued",
+                                        "Lines of this appliance's unfinished batches that have"
+                                        " no result yet (idle stop counts them as work).",
+                                        registry=r, multiprocess_mode="livemax")
+        self.batch_lines_running = gauge("appliance_batch_lines_running",
+                                         "Batch lines inside the gateway now (waiting for their"
+                                         " background turn or at the engine).")
+        self.batch_lines = counter("appliance_batch_lines_total",
+                                   "Batch lines finished, by outcome: done (2xx) or failed.",
+                                   ["outcome"])
+        self.batch_slots_in_use = gauge("appliance_batch_slots_in_use",
+                                        "Engine slots batch lines hold now (at most"
+                                        " APPLIANCE_BATCH_MAX_SLOTS per engine and worker).")
+
     def render(self) -> bytes:
         directory = os.environ.get(MULTIPROC_ENV)
         if not directory:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 Api = Literal["openai", "anthropic"]
+Server = Literal["engine", "batch"]
 StreamUsage = Literal["openai", "anthropic"]
 
 
@@ -66,6 +67,9 @@ class Route(NamedTuple):
     """How a stream reports usage: OpenAI's running ``usage`` or Anthropic's message events."""
     salted: bool = False
     """The prefix cache is kept apart per key: the gateway sets ``cache_salt``."""
+    served_by: Server = "engine"
+    """Who answers: the engine (through the gateway's steps) or the gateway's own Files and
+    Batches APIs (``proxy/batch/``), which run nothing themselves."""
 
 
 CHAT = Route("/v1/chat/completions", generates=True,
@@ -87,9 +91,18 @@ POOLING = tuple(Route(path, generates=True) for path in (
     "/v1/embeddings", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/rerank",
     "/v1/score", "/pooling", "/classify", "/score", "/rerank"))
 TOKENIZERS = (Route("/tokenize"), Route("/detokenize"))
+# The Files and Batches APIs: stored jobs whose lines run through the generation routes above.
+FILES = Route("/v1/files", methods=("GET", "POST"), served_by="batch")
+FILE = Route("/v1/files/{id}", methods=("GET", "DELETE"), served_by="batch")
+FILE_CONTENT = Route("/v1/files/{id}/content", methods=("GET",), served_by="batch")
+BATCHES = Route("/v1/batches", methods=("GET", "POST"), served_by="batch")
+BATCH = Route("/v1/batches/{id}", methods=("GET",), served_by="batch")
+BATCH_CANCEL = Route("/v1/batches/{id}/cancel", served_by="batch")
+WITH_ID = (FILE, FILE_CONTENT, BATCH, BATCH_CANCEL)
 
 ROUTES: dict[str, Route] = {r.path: r for r in (CHAT, COMPLETIONS, RESPONSES, MESSAGES,
-                                                COUNT_TOKENS, MODELS, *POOLING, *TOKENIZERS)}
+                                                COUNT_TOKENS, MODELS, *POOLING, *TOKENIZERS,
+                                                FILES, BATCHES)}
 GENERATION_PATHS = frozenset(path for path, route in ROUTES.items() if route.generates)
 MODEL_PREFIX = "/v1/models/"
 ANTHROPIC_PREFIX = "/v1/messages"
@@ -100,7 +113,20 @@ def route_for(path: str) -> Route | None:
     route = ROUTES.get(path)
     if route is None and path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):
         return MODEL
+    if route is None:
+        for candidate in WITH_ID:
+            if path_id(candidate, path) is not None:
+                return candidate
     return route
+
+
+def path_id(route: Route, path: str) -> str | None:
+    """The ``{id}`` of ``path`` under ``route``'s template (one segment), or None."""
+    head, _, tail = route.path.partition("{id}")
+    if not (path.startswith(head) and path.endswith(tail)) or len(path) <= len(head + tail):
+        return None
+    found = path[len(head):len(path) - len(tail)]
+    return found if found and "/" not in found else None
 
 
 def is_gateway_path(path: str) -> bool:

@@ -25,6 +25,14 @@ than ``capacity``, could never run and is refused before it queues (the caller c
 ``fits``); its queue is bounded so that one key
 can never hold all of the gateway's memory guard (``QueueFull``: the caller answers 429).
 
+Background work (batch lines, ``proxy/batch/``) runs in a priority class below every key's live
+traffic: a ``Tenant`` with ``background`` set queues in a lane of its own (apart from the same
+key's live lane), and a background lane is served only when no live lane is eligible, so an
+interactive request that arrives while batch lines run gets the next free slot. Background
+lanes never hold more than ``background_cap`` slots together (room is left for live traffic
+that arrives while they run: vLLM does not pre-empt), and among themselves they share by the
+same start-time fair order, so one key's large batch cannot starve another key's small one.
+
 Each slot notes on the wall clock when its request asked for its turn and when it got it, at
 the moment the turn is given (the waiter resumes later): the access log's account of who waited
 and who went first.
@@ -62,15 +70,18 @@ class Tenant(NamedTuple):
     name: str
     weight: float = 1.0
     max_concurrent: int | None = None
+    background: bool = False
+    """Batch work: served only when no live request is eligible, within ``background_cap``."""
 
 
 @dataclass(eq=False)
 class Lane:
-    """One key's queue and its place in the fair order."""
+    """One key's queue (live or background) and its place in the fair order."""
 
     name: str
     weight: float = 1.0
     max_concurrent: int | None = None
+    background: bool = False
     waiting: deque[tuple[int, asyncio.Future, Stamps, int]] = field(default_factory=deque)
     running: int = 0
     finish: float = 0.0
@@ -93,29 +104,36 @@ class Observer:
 
 class FairQueue:
     def __init__(self, capacity: int, max_queued_per_key: int,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, background_cap: int | None = None) -> None:
         if capacity < 1 or max_queued_per_key < 0:
             raise ValueError("capacity must be positive and the per-key queue bound not negative")
         self.capacity = capacity
+        self.background_cap = capacity if background_cap is None \
+            else max(1, min(background_cap, capacity))
+        self.background_running = 0
         self.max_queued_per_key = max_queued_per_key
         self.observe = observer or Observer()
-        self.lanes: dict[str, Lane] = {}
+        self.lanes: dict[tuple[str, bool], Lane] = {}
         self.running = 0
         self.stalled = False
         """The next request in the fair order waits for more slots than are free: nobody else
         is let in before it (a stream of small requests would keep it waiting for ever)."""
         self.clock = 0.0
+        self.background_clock = 0.0
+        """Background lanes keep a virtual clock of their own: a batch's long run must not
+        move live keys' clock on (it would erase their order among themselves)."""
         self.arrivals = itertools.count()
 
-    def queued(self, name: str) -> int:
-        lane = self.lanes.get(name)
+    def queued(self, name: str, background: bool = False) -> int:
+        lane = self.lanes.get((name, background))
         return len(lane.waiting) if lane else 0
 
     def fits(self, tenant: Tenant, size: int) -> bool:
         """Whether ``size`` sequences can ever run at once for this key: a larger request
         would wait forever, and is refused instead."""
-        return size <= self.capacity and (tenant.max_concurrent is None
-                                          or size <= tenant.max_concurrent)
+        most = self.background_cap if tenant.background else self.capacity
+        return size <= most and (tenant.max_concurrent is None
+                                 or size <= tenant.max_concurrent)
 
     def slot(self, tenant: Tenant, stamps: Stamps | None = None, size: int = 1) -> "Slot":
         """``async with queue.slot(tenant, size=n)``: hold ``n`` engine slots (one a sequence),
@@ -123,19 +141,25 @@ class FairQueue:
         return Slot(self, self._lane(tenant), stamps or Unstamped(), size)
 
     def _lane(self, tenant: Tenant) -> Lane:
-        lane = self.lanes.get(tenant.name)
+        lane = self.lanes.get((tenant.name, tenant.background))
         if lane is None:
-            lane = self.lanes[tenant.name] = Lane(tenant.name, finish=self.clock)
+            lane = self.lanes[tenant.name, tenant.background] = Lane(
+                tenant.name, background=tenant.background, finish=self._clock(tenant.background))
         lane.weight, lane.max_concurrent = tenant.weight, tenant.max_concurrent
         return lane
 
     def _try_admit(self, lane: Lane, size: int) -> bool:
         """Take free slots at once when nobody of this key is waiting ahead of it."""
         if not (lane.waiting or self.stalled) and self.running + size <= self.capacity \
-                and lane.room_for(size):
+                and lane.room_for(size) and (not lane.background or self._background_may(size)):
             self._admit(lane, size)
             return True
         return False
+
+    def _background_may(self, size: int) -> bool:
+        """Background work goes only within its cap and while no live request waits its turn."""
+        return self.background_running + size <= self.background_cap and not any(
+            ln.waiting for ln in self.lanes.values() if not ln.background)
 
     async def _wait(self, lane: Lane, stamps: Stamps, size: int) -> None:
         if len(lane.waiting) >= self.max_queued_per_key:
@@ -161,35 +185,53 @@ class FairQueue:
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
 
+    def _clock(self, background: bool) -> float:
+        return self.background_clock if background else self.clock
+
     def _admit(self, lane: Lane, size: int) -> None:
-        start = max(lane.finish, self.clock)
+        start = max(lane.finish, self._clock(lane.background))
         lane.finish = start + size / lane.weight
-        self.clock = start
+        if lane.background:
+            self.background_clock = start
+        else:
+            self.clock = start
         lane.running += size
         self.running += size
+        if lane.background:
+            self.background_running += size
         self.observe.in_use(self.running)
 
     def _release(self, lane: Lane, size: int) -> None:
         lane.running -= size
         self.running -= size
+        if lane.background:
+            self.background_running -= size
         self.observe.in_use(self.running)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Fill free slots from the eligible key whose next request starts earliest. When that
-        request needs more slots than are free, nobody passes it: smaller requests behind it
-        would otherwise keep a large one waiting for ever."""
+        """Fill free slots from the eligible key whose next request starts earliest, live keys
+        before background ones. When that request needs more slots than are free, nobody
+        passes it: smaller requests behind it would otherwise keep a large one waiting for
+        ever. A background request over the background cap waits without stalling live ones."""
         self.stalled = False
         while self.running < self.capacity:
-            ready = [lane for lane in self.lanes.values() if lane.eligible()]
+            ready = [lane for lane in self.lanes.values()
+                     if lane.eligible() and not lane.background]
+            if not ready:
+                ready = [lane for lane in self.lanes.values()
+                         if lane.eligible() and lane.background]
             if not ready:
                 return
-            lane = min(ready, key=lambda ln: (max(ln.finish, self.clock), ln.waiting[0][0]))
+            clock = self._clock(ready[0].background)
+            lane = min(ready, key=lambda ln: (max(ln.finish, clock), ln.waiting[0][0]))
             _, granted, stamps, size = lane.waiting[0]
             if granted.cancelled():
                 lane.waiting.popleft()  # its waiter is leaving and takes no slot
                 self.observe.depth(lane.name, len(lane.waiting))
                 continue
+            if lane.background and self.background_running + size > self.background_cap:
+                return
             if self.running + size > self.capacity:
                 self.stalled = True
                 return

@@ -162,10 +162,10 @@ def test_usage_shows_the_period_against_the_quota(db, capsys):
     assert keys(db, "usage") == 0
     table = rows(capsys.readouterr().out)
     assert table["NAME"] == ["NAME", "REQUESTS", "PROMPT", "COMPLETION", "PERIOD", "QUOTA",
-                             "USED", "LEFT"]
+                             "USED", "LEFT", "BATCH"]
     month = period_label("month", time.time())
-    assert table["alice"] == ["alice", "1", "70", "60", month, "100", "130", "0"]
-    assert table["bob"] == ["bob", "3", "1", "2", month, "-", "3", "-"]
+    assert table["alice"] == ["alice", "1", "70", "60", month, "100", "130", "0", "0"]
+    assert table["bob"] == ["bob", "3", "1", "2", month, "-", "3", "-", "0"]
 
 
 def test_list_shows_the_limits_compactly(db, capsys):

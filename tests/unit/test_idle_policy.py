@@ -85,3 +85,15 @@ def test_ssh_sessions_are_established_connections_to_the_local_port():
     assert established_connections([TCP, TCP6], 22) == 2
     assert established_connections([TCP], 8080) == 1
     assert established_connections([""], 22) == 0
+
+
+def test_batch_lines_still_to_run_are_work_unless_told_otherwise():
+    waiting = Activity(NOW - 10 * MINUTES * 60, 0, batch_lines=3)
+    verdict = decide(waiting, 0, NOW, MINUTES)
+    assert not verdict.stop and "3 batch line(s)" in verdict.reason
+    assert decide(waiting, 0, NOW, MINUTES, ignore_batches=True).stop
+
+
+def test_the_batch_gauge_is_read_when_the_gateway_reports_it():
+    text = METRICS + "# TYPE appliance_batch_lines_queued gauge\nappliance_batch_lines_queued 7\n"
+    assert activity_from_metrics(text).batch_lines == 7

@@ -99,6 +99,9 @@ def test_body_limit_matches_the_proxy():
     size = SiteParams().body_size
     assert size.endswith("m") and int(size[:-1]) * 1024 * 1024 == ProxySettings().max_body_bytes
     assert "client_max_body_size 16m;" in site()
+    assert "client_max_body_size 201m;" in site()  # /v1/files uploads only
+    files = SiteParams().file_body_size
+    assert int(files[:-1]) * 1024 * 1024 > ProxySettings().batch_max_file_bytes
 
 
 def test_generation_timeouts_outlast_every_proxy_deadline_and_short_ones_its_short_deadline():
@@ -116,13 +119,15 @@ def test_each_route_gets_its_timeout_class():
         for header, body in blocks(site(params))
         if header.startswith("location") and "proxy_pass" in body
     }
-    generation = [h for h in routes if "chat/completions" in h]
-    assert len(generation) == 1
-    assert "proxy_read_timeout 700s;" in routes[generation[0]]
+    generation = [h for h in routes if "chat/completions" in h or "files|batches" in h]
+    assert len(generation) == 2
+    for header in generation:
+        assert "proxy_read_timeout 700s;" in routes[header]
     for header, body in routes.items():
         if header not in generation:
             assert "proxy_read_timeout 12s;" in body, header
-    for path in ("/v1/models", "/health", "/ready", "/metrics", "/tokenize"):
+    for path in ("/v1/models", "/health", "/ready", "/metrics", "/tokenize", "/v1/files",
+                 "/v1/files/file-1/content", "/v1/batches", "/v1/batches/batch_1/cancel"):
         assert any(re.search(h.split()[-1], path) or h.endswith(path) for h in routes), path
 
 

@@ -1,0 +1,138 @@
+"""Batch lines at background priority: below every key's live traffic, within their cap, and
+fair among the keys whose batches run."""
+
+import asyncio
+
+from proxy.tenancy.admission import FairQueue, Tenant
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class Holder:
+    """Requests that hold their slot until released one at a time, in the order they got it."""
+
+    def __init__(self, queue: FairQueue) -> None:
+        self.queue = queue
+        self.order: list[str] = []
+        self.gates: list[asyncio.Event] = []
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self, tenant: Tenant, label: str | None = None) -> None:
+        self.tasks.append(asyncio.create_task(self._hold(tenant, label or tenant.name)))
+
+    async def _hold(self, tenant: Tenant, label: str) -> None:
+        async with self.queue.slot(tenant):
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            self.order.append(label)
+            await gate.wait()
+
+    async def release_first(self) -> None:
+        self.gates.pop(0).set()
+        await settle()
+
+    async def finish(self) -> None:
+        while self.gates or not all(t.done() for t in self.tasks):
+            if self.gates:
+                self.gates.pop(0).set()
+            await settle()
+        await asyncio.gather(*self.tasks)
+
+
+def test_live_request_arriving_while_batch_runs_gets_the_next_free_slot():
+    async def main():
+        queue = FairQueue(2, 100, background_cap=2)
+        h = Holder(queue)
+        for _ in range(4):
+            h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        assert h.order == ["bg", "bg"] and queue.queued("batch", background=True) == 2
+        h.start(Tenant("live"))
+        await settle()
+        assert queue.queued("live") == 1  # every slot is busy with batch lines
+        await h.release_first()
+        assert h.order == ["bg", "bg", "live"]  # not the next batch line
+        await h.finish()
+        assert queue.running == 0 and queue.background_running == 0
+    asyncio.run(main())
+
+
+def test_background_never_takes_a_free_slot_while_live_requests_wait():
+    async def main():
+        queue = FairQueue(2, 100)
+        h = Holder(queue)
+        h.start(Tenant("live"))
+        h.start(Tenant("live"))
+        h.start(Tenant("live"))
+        await settle()
+        h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        await h.release_first()
+        assert h.order == ["live", "live", "live"]
+        await h.release_first()
+        assert h.order == ["live", "live", "live", "bg"]
+        await h.finish()
+    asyncio.run(main())
+
+
+def test_background_never_exceeds_its_cap():
+    async def main():
+        queue = FairQueue(4, 100, background_cap=2)
+        peak = 0
+        h = Holder(queue)
+        for name in ("a", "b"):
+            for _ in range(5):
+                h.start(Tenant(name, background=True))
+        await settle()
+        assert queue.background_running == 2 and queue.running == 2
+        h.start(Tenant("live"))
+        h.start(Tenant("live"))
+        await settle()
+        assert queue.running == 4  # live traffic still gets the slots left
+        while h.gates:
+            peak = max(peak, queue.background_running)
+            await h.release_first()
+        await h.finish()
+        assert peak <= 2 and h.order.count("live") == 2
+    asyncio.run(main())
+
+
+def test_background_keys_share_fairly_by_weight():
+    async def main():
+        queue = FairQueue(1, 100, background_cap=1)
+        h = Holder(queue)
+        h.start(Tenant("live"))  # holds the one slot while both backlogs form
+        await settle()
+        for _ in range(6):
+            h.start(Tenant("big", background=True))
+        for _ in range(3):
+            h.start(Tenant("small", background=True))
+        await settle()
+        await h.finish()
+        served = h.order[1:]
+        assert served[:6].count("small") == 3 and served[:6].count("big") == 3
+    asyncio.run(main())
+
+
+def test_batch_lane_is_apart_from_the_same_keys_live_lane():
+    async def main():
+        queue = FairQueue(1, 100)
+        h = Holder(queue)
+        h.start(Tenant("k", background=True), "bg")
+        await settle()
+        h.start(Tenant("k"), "live")
+        h.start(Tenant("k", background=True), "bg")
+        await settle()
+        assert queue.queued("k") == 1 and queue.queued("k", background=True) == 1
+        await h.finish()
+        assert h.order == ["bg", "live", "bg"]
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_the_background_cap_does_not_fit():
+    queue = FairQueue(8, 10, background_cap=2)
+    assert queue.fits(Tenant("a"), 4)
+    assert not queue.fits(Tenant("a", background=True), 4)
