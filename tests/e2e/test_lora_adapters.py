@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from server.adapters import read_adapters
-from server.models_cli import EXIT_FAILED
+from server.models_cli import EXIT_FAILED, EXIT_NO_LORA
 from server.models_cli import main as appliance_models
 from tests.e2e.engine_stack import ENGINE_BIN, SERVED_NAME, engine
 from tests.integration.proxy_stack import gateway
@@ -58,6 +58,9 @@ def test_an_adapter_added_at_runtime_is_served_then_removed(tiny_model, adapter_
         assert tool(monkeypatch, workdir, e.url, "add-adapter", "support", str(adapter_dir),
                     "--base", SERVED_NAME) == 0
         assert cards(e)["support"]["parent"] == SERVED_NAME
+        anonymous = httpx.post(e.url + "/v1/load_lora_adapter",
+                               json={"lora_name": "x", "lora_path": str(adapter_dir)})
+        assert anonymous.status_code == 401  # the adapter API takes only the internal key
         answer = served(e, "support")
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == "support"
@@ -102,6 +105,25 @@ def test_listed_adapters_load_at_start_and_a_key_may_be_limited_to_one(
                                 json={"model": "support", "prompt": PROMPT, "max_tokens": 4})
             assert answer.status_code == 200, answer.text
             assert answer.json()["model"] == "support"
+            # vLLM's adapter API is not a route of the gateway: no client key reaches it.
+            load = httpx.post(gw.url + "/v1/load_lora_adapter", headers=headers,
+                              json={"lora_name": "x", "lora_path": str(adapter_dir)})
+            assert load.status_code == 404, load.text
             base = httpx.post(gw.url + "/v1/completions", headers=headers, timeout=120,
                               json={"model": SERVED_NAME, "prompt": PROMPT, "max_tokens": 4})
             assert base.status_code in (403, 404), base.text
+
+
+def test_an_engine_started_without_lora_says_it_needs_a_restart(tiny_model, adapter_dir,
+                                                               tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "engine"
+    with engine(tiny_model, workdir, max_num_seqs=4,
+                adapters_file=workdir / "adapters.json") as e:
+        assert "--enable-lora" not in e.log.read_text()
+        assert tool(monkeypatch, workdir, e.url, "add-adapter", "support", str(adapter_dir),
+                    "--base", SERVED_NAME) == EXIT_NO_LORA
+        err = capsys.readouterr().err
+        print(err)
+        assert "without LoRA" in err and "restart" in err
+        assert "support" not in cards(e)
+        assert read_adapters(workdir / "adapters.json") == []
