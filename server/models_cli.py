@@ -21,7 +21,7 @@ settings, 3 the base model's engines run without LoRA (restart needed).
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -37,7 +37,7 @@ from server.adapters import (
     without_adapter,
     write_adapters,
 )
-from server.model import ModelError, fetch_model
+from server.model import ModelError, fetch_model, parse_source
 from server.models_file import ModelsFileError, model_specs
 from server.settings import EngineSettings, env_file_path, load_settings, readable_env_file
 
@@ -167,6 +167,8 @@ def add_adapter(settings: EngineSettings, engines: list[EngineApi], adapter: Ada
         raise AdapterFailed(f"{adapter.name!r} is an adapter of the models file: change it "
                             "there", EXIT_USAGE)
     try:
+        if parse_source(adapter.source).kind == "local":  # the engines do not share our cwd
+            adapter = replace(adapter, source=str(Path(adapter.source).resolve()))
         path = fetch_model(adapter.source, settings.model_cache)
         rank = adapter_rank(path)
     except (ModelError, AdaptersError) as exc:

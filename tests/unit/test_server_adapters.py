@@ -241,3 +241,11 @@ def test_an_unknown_base_model_is_refused(tmp_path):
     adapter = Adapter("support", str(make_adapter(tmp_path / "support")), "nope")
     with pytest.raises(AdapterFailed, match="no engine serves a model named 'nope'"):
         add_adapter(settings, engines(FakeVllm()), adapter)
+
+
+def test_a_relative_local_source_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    settings = settings_for(tmp_path)
+    make_adapter(tmp_path / "support")
+    monkeypatch.chdir(tmp_path)
+    add_adapter(settings, engines(FakeVllm()), Adapter("support", "support", "chat"))
+    assert read_adapters(settings.adapters_file)[0].source == str(tmp_path / "support")
