@@ -43,6 +43,8 @@ from server.settings import EngineSettings, env_file_path, load_settings, readab
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_LORA = 1, 2, 3
 TIMEOUT_S = httpx.Timeout(10.0, read=120.0)
+GATEWAY_HINT = ("A running gateway learns an engine's models when it checks the engine in (at "
+                "its start, or the engine's): sudo systemctl restart appliance-proxy")
 PROBE_PROMPT = "The appliance checks that this adapter generates before it keeps it."
 
 
@@ -194,7 +196,7 @@ def add_adapter(settings: EngineSettings, engines: list[EngineApi], adapter: Ada
                    with_adapter(read_adapters(settings.adapters_file), adapter))
     return (f"added {adapter.name} (rank {rank}, from {path}) to {adapter.base} on "
             f"{len(replicas)} engine(s): {', '.join(e.url for e in replicas)}; recorded in "
-            f"{settings.adapters_file}")
+            f"{settings.adapters_file}. {GATEWAY_HINT}")
 
 
 def undo(engines: list[EngineApi], name: str) -> str:
@@ -225,7 +227,7 @@ def remove_adapter(settings: EngineSettings, engines: list[EngineApi], name: str
                                 "unloading it")
     write_adapters(settings.adapters_file, without_adapter(listed, name))
     return (f"removed {name} from {adapter.base} on {len(replicas)} engine(s); "
-            f"{settings.adapters_file} updated")
+            f"{settings.adapters_file} updated. {GATEWAY_HINT}")
 
 
 def static_adapters(settings: EngineSettings) -> dict[str, Adapter]:
