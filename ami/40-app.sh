@@ -65,4 +65,5 @@ install -m 0755 "$src/appliance_ops/firstboot.py" /usr/local/sbin/appliance-firs
 install -m 0755 "$src/appliance_ops/tools/appliance-status" /usr/local/sbin/appliance-status
 install -m 0755 "$src/appliance_ops/tools/smoke-test.sh" /usr/local/sbin/appliance-smoke-test
 install -m 0755 "$src/ami/files/appliance-keys" /usr/local/sbin/appliance-keys
+install -m 0755 "$src/ami/files/appliance-models" /usr/local/sbin/appliance-models
 install -m 0755 "$src/ami/files/appliance-enable-tls" /usr/local/sbin/appliance-enable-tls

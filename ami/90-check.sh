@@ -12,12 +12,12 @@ for unit in /etc/systemd/system/appliance-*.service; do
     fi
 done
 "$venv/bin/python" -c 'import vllm, proxy, server, appliance_ops.idle_stop, appliance_ops.spot_watch; print("vllm", vllm.__version__)'
-for cmd in appliance-proxy appliance-engine appliance-keys appliance-idle-stop \
-    appliance-spot-watch; do
+for cmd in appliance-proxy appliance-engine appliance-keys appliance-models \
+    appliance-idle-stop appliance-spot-watch; do
     test -x "$venv/bin/$cmd"
 done
 for cmd in appliance-firstboot appliance-status appliance-smoke-test appliance-keys \
-    appliance-enable-tls; do
+    appliance-models appliance-enable-tls; do
     test -x "/usr/local/sbin/$cmd"
 done
 if [ "${FLAVOR:-gpu}" = cpu ]; then

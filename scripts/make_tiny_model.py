@@ -9,6 +9,10 @@ two devices (4 attention heads, 2 KV heads).
 
 Run it with the engine's environment (it needs numpy, safetensors and tokenizers):
 ``.venv-engine/bin/python scripts/make_tiny_model.py DIR [--seed N]``.
+
+``--lora DIR`` writes a LoRA adapter for that model instead, in PEFT's format (written by hand:
+the engine's environment has no ``peft``): rank 8 over the attention's ``q_proj`` and
+``v_proj``, random A and B (B not zero, so the adapter changes what the model says).
 """
 
 import argparse
@@ -183,12 +187,54 @@ def write_model(out: Path, seed: int = 0, vocab_size: int = 1024) -> None:
     )
 
 
+LORA_TARGETS = ("q_proj", "v_proj")
+LORA_RANK = 8
+
+
+def write_lora(out: Path, base: str = "tiny", seed: int = 1, rank: int = LORA_RANK) -> None:
+    """A PEFT LoRA adapter for the tiny model: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with ``lora_A`` (rank x in) and ``lora_B`` (out x rank)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    hidden = SHAPE["hidden_size"]
+    kv_dim = SHAPE["num_key_value_heads"] * hidden // SHAPE["num_attention_heads"]
+    out_dims = {"q_proj": hidden, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": hidden}
+    tensors = {}
+    for i in range(SHAPE["num_hidden_layers"]):
+        for target in LORA_TARGETS:
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = (
+                rng.standard_normal((rank, hidden)) * 0.05).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = (
+                rng.standard_normal((out_dims[target], rank)) * 0.05).astype(np.float32)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(LORA_TARGETS),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0, help="weights' random seed")
+    parser.add_argument("--lora", action="store_true",
+                        help="write a LoRA adapter for the tiny model into DIR instead")
     args = parser.parse_args()
-    write_model(args.dir, seed=args.seed)
+    if args.lora:
+        write_lora(args.dir, seed=args.seed)
+    else:
+        write_model(args.dir, seed=args.seed)
     print(args.dir)
 
 

@@ -6,7 +6,7 @@ key travels in ``VLLM_API_KEY``, not on the command line, where any local user c
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from server.cluster import vllm_cluster_args
 from server.plan import EnginePlan
@@ -15,8 +15,9 @@ API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 ENGINE_KEEPALIVE_S = 60
 
 
-def engine_argv(plan: EnginePlan, python: str) -> list[str]:
-    """vLLM's arguments; ``APPLIANCE_ENGINE_EXTRA_ARGS`` come last so they override ours."""
+def engine_argv(plan: EnginePlan, python: str, lora: Sequence[str] = ()) -> list[str]:
+    """vLLM's arguments; ``APPLIANCE_ENGINE_EXTRA_ARGS`` come last so they override ours.
+    ``lora``: the LoRA arguments (``server/adapters.py``'s ``lora_argv``), when it has any."""
     s = plan.settings
     # Options and their values side by side.
     # fmt: off
@@ -51,18 +52,23 @@ def engine_argv(plan: EnginePlan, python: str) -> list[str]:
     enforce_eager = s.enforce_eager if s.enforce_eager is not None else plan.device == "cpu"
     if enforce_eager:
         argv.append("--enforce-eager")
-    return argv + vllm_cluster_args(plan.cluster) + s.extra_args
+    return argv + list(lora) + vllm_cluster_args(plan.cluster) + s.extra_args
 
 
-def engine_env(plan: EnginePlan, api_key: str, base: Mapping[str, str]) -> dict[str, str]:
+def engine_env(plan: EnginePlan, api_key: str, base: Mapping[str, str],
+               lora: bool = False) -> dict[str, str]:
     """The environment vLLM runs with: the internal key, no phoning home, CPU thread pinning,
     and keep-alive connections held far longer than the gateway keeps them idle (see
-    ``proxy/relay/transport.py``), so the engine never closes one as a request arrives on it."""
+    ``proxy/relay/transport.py``), so the engine never closes one as a request arrives on it.
+    With LoRA, vLLM's adapter API is opened (only the internal key reaches it), so
+    ``appliance-models`` can load and unload adapters at runtime."""
     env = {key: value for key, value in base.items() if key != "APPLIANCE_ENGINE_API_KEY"}
     env["VLLM_API_KEY"] = api_key
     env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEPALIVE_S))
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
+    if lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     if plan.device == "cpu" and plan.tensor_parallel_size > 1:
         env.setdefault(
             "VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(plan.cpus, plan.tensor_parallel_size)

@@ -21,6 +21,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from server.adapters import (
+    Adapter,
+    AdaptersError,
+    adapter_rank,
+    adapters_of,
+    lora_argv,
+    read_adapters,
+)
 from server.argv import engine_argv, engine_env
 from server.cluster import ray_argv
 from server.gpus import Gpu, describe, detect_gpus
@@ -35,7 +43,7 @@ from server.model import (
 )
 from server.models_file import ModelsFileError, model_specs
 from server.placement import place_models, render_plan
-from server.plan import choose_device, plan_engine
+from server.plan import choose_device, plan_engine, served_name_for
 from server.settings import EngineSettings, env_file_path, load_settings
 from server.vllm_build import VllmBuild, installed_vllm
 
@@ -99,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_engine(settings: EngineSettings, gpus: list[Gpu], build: VllmBuild, env_file: Path,
                  dry_run: bool, extra_args: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None) -> int:
+                 extra_env: dict[str, str] | None = None,
+                 static_adapters: tuple[Adapter, ...] = ()) -> int:
     """Plan one engine of ``settings``' model on ``gpus`` and exec vLLM (or print, dry)."""
     device, why = choose_device(settings.device, gpus, build)
     if device is None:
@@ -121,6 +130,12 @@ def start_engine(settings: EngineSettings, gpus: list[Gpu], build: VllmBuild, en
     if not plan.ok:
         return EXIT_PREFLIGHT
 
+    try:
+        lora = lora_args(settings, static_adapters)
+    except (AdaptersError, ModelError) as exc:
+        say(f"cannot start: {exc}")
+        return EXIT_PREFLIGHT
+
     ray = str(Path(sys.executable).with_name("ray"))
     if plan.cluster.role == "worker":
         command = ray_argv(plan.cluster, ray, plan.tensor_parallel_size)
@@ -129,7 +144,7 @@ def start_engine(settings: EngineSettings, gpus: list[Gpu], build: VllmBuild, en
             return 0
         sys.stdout.flush()
         os.execv(command[0], command)
-    command = [*engine_argv(plan, sys.executable), *extra_args]
+    command = [*engine_argv(plan, sys.executable, lora), *extra_args]
     if plan.cluster.role == "head":
         ray_head = ray_argv(plan.cluster, ray, plan.tensor_parallel_size)
         say(f"Ray head command: {shlex.join(ray_head)}")
@@ -145,8 +160,22 @@ def start_engine(settings: EngineSettings, gpus: list[Gpu], build: VllmBuild, en
         say(f"cannot start: {exc}")
         return EXIT_PREFLIGHT
     sys.stdout.flush()
-    os.execve(command[0], command, engine_env(plan, api_key, {**os.environ, **(extra_env or {})}))
+    os.execve(command[0], command, engine_env(plan, api_key, {**os.environ, **(extra_env or {})},
+                                                 lora=bool(lora)))
     return 1  # not reached: execve replaces this process
+
+
+def lora_args(settings: EngineSettings, static: tuple[Adapter, ...]) -> list[str]:
+    """vLLM's LoRA arguments for this model: its adapters (the models file's and the adapters
+    list's), fetched; none when it has no adapter and ``enable_lora`` is off (LoRA costs
+    memory)."""
+    adapters = adapters_of(served_name_for(settings), static, read_adapters(settings.adapters_file))
+    if not adapters and not settings.enable_lora:
+        return []
+    paths = [(a.name, fetch_model(a.source, settings.model_cache)) for a in adapters]
+    say("LoRA on: " + (", ".join(f"adapter {name} from {path}" for name, path in paths)
+                       or "no adapter yet (enable_lora)"))
+    return lora_argv(paths, [adapter_rank(path) for _, path in paths])
 
 
 def start_replica(index: int, settings: EngineSettings, gpus: list[Gpu], build: VllmBuild,
@@ -194,7 +223,7 @@ def start_replica(index: int, settings: EngineSettings, gpus: list[Gpu], build: 
         else {}
     extra_args = ("--runner", "pooling") if spec.task == "embed" else ()
     return start_engine(spec.settings.model_copy(update=update), visible, build, env_file,
-                        dry_run, extra_args, extra_env)
+                        dry_run, extra_args, extra_env, spec.adapters)
 
 
 def show_plan(settings: EngineSettings, listing: bool = False, fetch: bool = False) -> int:

@@ -10,6 +10,7 @@ model (``server/models.example.toml`` is a commented example)::
     tensor_parallel_size = "auto"        # or a number
     task = "generate"                    # or "embed"
     max_model_len = 16384                # any engine setting, by its field name
+    adapters = [{name = "support", source = "/srv/adapters/support"}]  # LoRA, loaded at start
 
 An engine setting in a table overrides the environment's value for that model only; the
 settings that belong to the host (its ports, device, cache, cluster role) are refused there.
@@ -27,15 +28,16 @@ from typing import Literal, get_args
 
 from pydantic import ValidationError
 
+from server.adapters import Adapter
 from server.plan import served_name_for
 from server.settings import EngineSettings
 
 Task = Literal["generate", "embed"]
 Replicas = int | Literal["auto"]
 
-SPEC_KEYS = ("name", "source", "replicas", "task")
+SPEC_KEYS = ("name", "source", "replicas", "task", "adapters")
 HOST_WIDE = frozenset({
-    "model", "served_model_name", "model_cache", "models_file", "device",
+    "model", "served_model_name", "model_cache", "models_file", "adapters_file", "device",
     "pipeline_parallel_size", "node_role", "head_address", "ray_port",
     "engine_host", "engine_port", "engine_api_key",
 })
@@ -64,6 +66,8 @@ class ModelSpec:
     task: Task = "generate"
     overrides: frozenset[str] = frozenset()
     """The engine settings this model's table set itself."""
+    adapters: tuple[Adapter, ...] = ()
+    """Its LoRA adapters from the table's ``adapters``, loaded when its engines start."""
 
 
 def parse_models(
@@ -89,9 +93,15 @@ def parse_models(
         if spec and spec.name in seen:
             problems.append(f"the name is taken by [[models]] #{seen[spec.name]} already: "
                             "each model needs a name of its own")
+        for adapter in spec.adapters if spec else ():
+            if adapter.name in seen:
+                problems.append(f"adapter {adapter.name!r}: the name is taken already: an "
+                                "adapter needs a name no model or other adapter has")
         errors.extend(f"{where}: {problem}" for problem in problems)
         if spec:
             seen.setdefault(spec.name, number)
+            for adapter in spec.adapters:
+                seen.setdefault(adapter.name, number)
             specs.append(spec)
     if errors:
         raise ModelsFileError(errors)
@@ -116,6 +126,9 @@ def _model_spec(
     task = table.get("task", "generate")
     if task not in get_args(Task):
         problems.append(f"key 'task': \"generate\" or \"embed\" (got {task!r})")
+
+    adapters, adapter_problems = _adapters(table.get("adapters", []), name)
+    problems += adapter_problems
 
     overrides = {key: value for key, value in table.items() if key not in SPEC_KEYS}
     for key in list(overrides):
@@ -145,8 +158,33 @@ def _model_spec(
         return None, problems
     spec = ModelSpec(name=name, source=source if isinstance(source, str) else "",
                      settings=settings, replicas=replicas, task=task,
-                     overrides=frozenset(overrides))
+                     overrides=frozenset(overrides), adapters=adapters)
     return spec, problems
+
+
+def _adapters(entries: object, base: str | None) -> tuple[tuple[Adapter, ...], list[str]]:
+    """A table's ``adapters = [{name = ..., source = ...}]`` and its problems."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return (), ["key 'adapters': a list of {name = ..., source = ...} tables"]
+    adapters, problems, names = [], [], set()
+    for number, entry in enumerate(entries, 1):
+        name, source = entry.get("name"), entry.get("source")
+        unknown = sorted(set(entry) - {"name", "source"})
+        if not isinstance(name, str) or not name.strip() or name != "".join(name.split()):
+            problems.append(f"adapter #{number}: a name without spaces is required (got "
+                            f"{name!r})")
+        elif not isinstance(source, str) or not source.strip():
+            problems.append(f"adapter {name!r}: a directory, a Hugging Face id or an s3:// "
+                            f"prefix is required in 'source' (got {source!r})")
+        elif unknown:
+            problems.append(f"adapter {name!r}: unknown key(s) {', '.join(unknown)} (only name "
+                            "and source)")
+        elif name == base or name in names:
+            problems.append(f"adapter {name!r}: the name is taken already")
+        else:
+            names.add(name)
+            adapters.append(Adapter(name=name, source=source, base=base or ""))
+    return tuple(adapters), problems
 
 
 def single_model_spec(settings: EngineSettings) -> ModelSpec:

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_FILE = Path("/etc/appliance/appliance.env")
 MODELS_FILE = Path("/etc/appliance/models.toml")
+ADAPTERS_FILE = Path("/var/lib/appliance/adapters.json")
 
 
 def env_file_path() -> Path:
@@ -45,6 +46,11 @@ class EngineSettings(BaseSettings):
     models_file: Path = MODELS_FILE
     """More than one model on the host: one ``[[models]]`` table each (TOML; see
     ``server/models.example.toml``); when the file is absent, ``model`` is the one model."""
+    adapters_file: Path = ADAPTERS_FILE
+    """The LoRA adapters added by ``appliance-models add-adapter``: loaded again at every start."""
+    enable_lora: bool = False
+    """Start vLLM with LoRA (memory reserved for adapters) even when the model has none yet, so
+    ``appliance-models add-adapter`` can load one at runtime; on anyway when it has adapters."""
 
     device: Literal["auto", "gpu", "cpu"] = "auto"
     """``auto`` uses the GPUs when there are any, else vLLM's CPU build when installed."""

@@ -5,6 +5,7 @@ engine's virtualenv: ``make engine-venv``, or ``ENGINE_VENV`` pointing at one); 
 stood in for where it matters (vLLM's CPU build and 16 GiB free, or four GPUs).
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,32 @@ def test_an_embedding_replica_runs_vllms_pooling_runner(host, capsys, tmp_path, 
 def test_replicas_are_listed_for_scripts(host, capsys):
     assert launcher.main(["--list-replicas"]) == 0
     assert capsys.readouterr().out == "0 chat 8000\n1 other 8001\n"
+
+
+def test_a_replica_loads_its_models_adapters_and_only_its_own(host, capsys, tmp_path,
+                                                             tiny_models):
+    """The models file's adapters and the adapters list's, for the replica's model only; a
+    model without adapters starts without LoRA (it reserves memory)."""
+    host.setattr(launcher, "fetch_model", lambda source, cache: Path(source))
+    adapters = {}
+    for name in ("static", "listed"):
+        adapters[name] = tmp_path / name
+        adapters[name].mkdir()
+        (adapters[name] / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    models_file = tmp_path / "lora.toml"
+    models_file.write_text(
+        f'[[models]]\nname = "chat"\nsource = "{tiny_models[0]}"\n'
+        f'adapters = [{{name = "static", source = "{adapters["static"]}"}}]\n\n'
+        f'[[models]]\nname = "other"\nsource = "{tiny_models[1]}"\n')
+    listed = tmp_path / "adapters.json"
+    listed.write_text(json.dumps({"adapters": [
+        {"name": "listed", "source": str(adapters["listed"]), "base": "chat"}]}))
+    host.setenv("APPLIANCE_MODELS_FILE", str(models_file))
+    host.setenv("APPLIANCE_ADAPTERS_FILE", str(listed))
+    assert launcher.main(["--replica", "0", "--dry-run"]) == 0
+    command = next(line for line in capsys.readouterr().err.splitlines()
+                   if "vLLM command:" in line)
+    assert (f"--enable-lora --lora-modules static={adapters['static']} "
+            f"listed={adapters['listed']}") in command
+    assert launcher.main(["--replica", "1", "--dry-run"]) == 0
+    assert "--enable-lora" not in capsys.readouterr().err
