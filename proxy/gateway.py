@@ -350,6 +350,7 @@ class Gateway:
             if not any(engine.ready for engine in self.engines.all):
                 raise engine_unavailable("The engine is not ready; the model may still be "
                                          "loading.")
+        await self.engines.relist()
         content = models_answer(path, self.engines.cards(), key.models)
         record.admitted = time.time()
         self.account(record)

@@ -43,8 +43,8 @@ from server.settings import EngineSettings, env_file_path, load_settings, readab
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_LORA = 1, 2, 3
 TIMEOUT_S = httpx.Timeout(10.0, read=120.0)
-GATEWAY_HINT = ("A running gateway learns an engine's models when it checks the engine in (at "
-                "its start, or the engine's): sudo systemctl restart appliance-proxy")
+GATEWAY_HINT = ("The gateway reads the engines' model lists again on the next request that "
+                "names it (or the next model list): no restart needed.")
 PROBE_PROMPT = "The appliance checks that this adapter generates before it keeps it."
 
 

@@ -56,6 +56,8 @@ class FakeEngine:
         self.ready_at = time.monotonic() + ready_after
         self.unhealthy = False
         self.stats = Stats()
+        self.adapters: list[str] = []
+        """Adapters loaded at runtime (``/fake/adapters``), listed with the model as parent."""
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -76,6 +78,10 @@ class FakeEngine:
             self.unhealthy = method == "POST"
             await respond(send, 200, {})
             return
+        if path == "/fake/adapters" and method == "POST":
+            self.adapters = json.loads(await read_body(receive) or b"[]")
+            await respond(send, 200, {})
+            return
         if path == "/fake/stats":
             await respond(send, 200, self.stats.as_dict())
             return
@@ -84,7 +90,7 @@ class FakeEngine:
             return
         self.stats.last_headers = headers
         if path == "/v1/models" and method == "GET":
-            await respond(send, 200, models_body())
+            await respond(send, 200, models_body(self.adapters))
             return
         body = await read_body(receive)
         try:
@@ -292,11 +298,13 @@ def count_prompt_tokens(request: dict) -> int:
     return max(1, len(text.split()))
 
 
-def models_body() -> dict:
+def models_body(adapters: list[str] = ()) -> dict:
     # As vLLM writes it, with the model's directory on the server in "root".
     entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "fake",
              "root": "/srv/models/fake-model", "parent": None, "max_model_len": CONTEXT_TOKENS}
-    return {"object": "list", "data": [entry]}
+    loaded = [{**entry, "id": name, "root": f"/srv/adapters/{name}", "parent": MODEL}
+              for name in adapters]
+    return {"object": "list", "data": [entry, *loaded]}
 
 
 def completion_body(chat: bool, n: int, prompt_tokens: int) -> dict:

@@ -19,6 +19,7 @@ whose prefix cache holds them), unless it is busier than the least busy by more 
 """
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +39,8 @@ HEALTH_RECHECK_S = 0.5
 CANARY_TIMEOUT_S = 120.0
 CANARY_PROMPT = ("The appliance checks that this engine generates before it sends the engine any "
                  "client's request: one short completion of every model it serves.")
+RELIST_S = 1.0
+"""How often a model no engine lists, or a client's model list, reads the engines' lists again."""
 AFFINITY_SLACK = 4
 """Requests a preferred replica may have beyond the least busy one and still be chosen."""
 AFFINITY_BYTES = 512
@@ -57,6 +60,8 @@ class Engine:
     checked_at: float = 0.0
     outstanding: int = 0
     """Requests sent to it and not finished: what the replica choice balances."""
+    listed_at: float = 0.0
+    """When its model list was last read."""
     name: str = ""
     """How metrics and the access log name it: its loopback address."""
 
@@ -150,13 +155,28 @@ class Engines:
         engine.ready, engine.why = False, why
         return False, why
 
+    async def _list(self, engine: Engine) -> dict[str, dict]:
+        """The engine's ``/v1/models`` cards by id; raises what the read raised."""
+        engine.listed_at = time.monotonic()
+        listed = await self._ask(engine, b"GET", b"/v1/models", "models")
+        return {card["id"]: card for card in listed.json().get("data", [])
+                if isinstance(card, dict) and isinstance(card.get("id"), str)}
+
+    async def relist(self) -> None:
+        """Read again what the ready engines serve, at most every ``RELIST_S``: an adapter added
+        or removed at runtime (``appliance-models``) is routed, or gone, without a restart. The
+        canary covers base models; an adapter is the base model's weights."""
+        now = time.monotonic()
+        for engine in self.all:
+            if engine.ready and now - engine.listed_at >= RELIST_S:
+                with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError, TypeError):
+                    engine.cards = await self._list(engine)
+
     async def _canary(self, engine: Engine) -> tuple[bool, str]:
         """One generation of each model (adapters are the base model's weights: skipped); a pooling
         model runs one embedding, or one pass of vLLM's generic ``/pooling``."""
         try:
-            listed = await self._ask(engine, b"GET", b"/v1/models", "canary-models")
-            cards = {card["id"]: card for card in listed.json().get("data", [])
-                     if isinstance(card, dict) and isinstance(card.get("id"), str)}
+            cards = await self._list(engine)
         except (httpx.HTTPError, ValueError, AttributeError, TypeError) as exc:
             return False, f"the engine lists no models ({type(exc).__name__})"
         for model, card in cards.items():
@@ -208,6 +228,8 @@ class Engines:
             engine = self.all[0]
             if engine.ready and (model is None or model in engine.cards):
                 return engine
+        if model is not None and not any(engine.serves(model) for engine in self.all):
+            await self.relist()  # an adapter added since the engines were checked in
         replicas = self.replicas(model)
         ready = [e for e in replicas if e.ready]
         if not ready:

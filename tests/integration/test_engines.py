@@ -1,10 +1,12 @@
 """Several engines behind one gateway (fake engines, fast): routing by model, one engine away
 while the others serve, replicas with prefix affinity, and no client before the canary."""
 
+import time
+
 import httpx
 import pytest
 
-from proxy.relay.engines import CANARY_PROMPT
+from proxy.relay.engines import CANARY_PROMPT, RELIST_S
 from tests.integration.proxy_stack import engine, gateway
 
 
@@ -75,3 +77,19 @@ def test_one_engine_away_is_503_for_its_model_while_the_others_serve(box):
     assert ready.status_code == 200 and ready.json()["status"] == "partial"
     states = {tuple(e["models"]): e["ready"] for e in ready.json()["engines"]}
     assert states[("embed-b",)] is False and states[("chat-a",)] is True
+
+
+def test_an_adapter_loaded_at_runtime_is_routed_and_one_removed_is_gone(box):
+    """appliance-models loads an adapter into a running engine: the gateway reads the engines'
+    lists again (at most every second) when a request names a model none listed, and for a
+    client's model list, so no restart is needed either way."""
+    gw, engines = box
+    fake = engines["chat-a"]
+    httpx.post(fake.url + "/fake/adapters", json=["chat-a-support"])
+    assert chat(gw, "chat-a-support").status_code == 200
+    listed = httpx.get(gw.url + "/v1/models", headers=gw.headers("router")).json()
+    assert "chat-a-support" in [m["id"] for m in listed["data"]]
+    httpx.post(fake.url + "/fake/adapters", json=[])
+    time.sleep(RELIST_S)
+    listed = httpx.get(gw.url + "/v1/models", headers=gw.headers("router")).json()
+    assert "chat-a-support" not in [m["id"] for m in listed["data"]]
