@@ -10,7 +10,10 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests.integration import test_fuzz as fuzz
 from tests.integration.nginx_stack import SECURITY_HEADERS, render, serving
 from tests.integration.proxy_stack import gateway
 from tests.servers import free_port
@@ -572,3 +575,18 @@ def test_post_after_an_idle_pause_reuses_the_upstream_connection(fake, tmp_path)
             time.sleep(5.5)
             assert c.post(CHAT, json=chat_body(), headers=gw.headers()).status_code == 200
             assert len(before) == 1 and nginx_upstream_ports(port) == before
+
+
+@settings(max_examples=80, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(content=fuzz.raw, route=st.sampled_from(fuzz.POST_ROUTES))
+def test_random_bodies_through_nginx_never_break_the_gateway(client, gw, content, route):
+    """The fuzz of every POST route of the route table, through the public face: no 500, no
+    crash, every error in its API's shape, every stream ending with its final event."""
+    try:
+        stream_asked = json.loads(content).get("stream") is True
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        stream_asked = False
+    response = client.post(route, content=content, timeout=20,
+                           headers={**gw.headers("fuzz-edge"), "content-type": "application/json"})
+    fuzz.check(response, stream_asked, route)
