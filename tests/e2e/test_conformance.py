@@ -202,7 +202,7 @@ def test_route_the_model_does_not_serve_is_not_found(front):
 
 def test_route_outside_the_api_is_not_found_from_nginx(front):
     with pytest.raises(openai.NotFoundError) as caught:
-        sdk(front).files.list()
+        sdk(front).fine_tuning.jobs.list()
     assert_openai_error(caught.value, "not_found_error", "not_found")
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.engine_stack import MAX_NUM_SEQS, SERVED_NAME
-from tests.e2e.test_through_proxy import ledger, settled
+from tests.e2e.test_through_proxy import eventually, ledger, settled
 from tests.integration.proxy_stack import gateway
 
 HELLO = [{"role": "user", "content": "Tell me a long story about the sea and its ships."}]
@@ -106,7 +106,9 @@ def test_a_stream_left_mid_way_is_aborted_and_billed_what_was_relayed(gw, vllm):
             deltas += line == "event: content_block_delta"
             if deltas == 5:
                 break
+    assert deltas == 5, "the answer ended before the client left: nothing was proven"
     vllm.wait_idle()
+    assert eventually(lambda: ledger(gw, name)[2] >= 5), ledger(gw, name)
     prompt, completion = billed(gw, name)
     assert prompt > 0 and 5 <= completion < 900
 
