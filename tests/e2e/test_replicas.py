@@ -8,7 +8,7 @@ import pytest
 from tests.e2e.engine_stack import MAX_NUM_SEQS, SERVED_NAME, engine
 from tests.integration.proxy_stack import gateway
 
-LONG_PROMPT = "The lighthouse keeper counted the ships that passed at night. " * 40
+LONG_PROMPT = "The lighthouse keeper counted the ships that passed at night. " * 20
 
 
 @pytest.fixture(scope="module")

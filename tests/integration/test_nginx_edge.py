@@ -206,9 +206,9 @@ def test_unknown_path_is_404_json_without_reaching_the_proxy(client, edge):
     error = assert_openai_error(response, 404)
     assert error["code"] == "not_found"
     assert_security_headers(response)
-    for path in ("/v1/fine_tuning/jobs", "/v1/files"):
+    for path in ("/v1/fine_tuning/jobs", "/v1/assistants"):
         assert_openai_error(client.post(path, json={}), 404)
-    entries = [e for e in edge.log_entries() if e["path"] in ("/admin/secret", "/v1/files")]
+    entries = [e for e in edge.log_entries() if e["path"] in ("/admin/secret", "/v1/assistants")]
     assert entries and all(e["upstream_status"] == "" for e in entries)
 
 
