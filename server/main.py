@@ -41,7 +41,7 @@ from server.model import (
     read_model_info,
     read_model_shape,
 )
-from server.models_file import ModelsFileError, model_specs
+from server.models_file import ModelsFileError, ModelSpec, model_specs
 from server.placement import place_models, render_plan
 from server.plan import choose_device, plan_engine, served_name_for
 from server.settings import EngineSettings, env_file_path, load_settings
@@ -178,18 +178,27 @@ def lora_args(settings: EngineSettings, static: tuple[Adapter, ...]) -> list[str
     return lora_argv(paths, [adapter_rank(path) for _, path in paths])
 
 
-def start_replica(index: int, settings: EngineSettings, gpus: list[Gpu], build: VllmBuild,
-                  env_file: Path, dry_run: bool) -> int:
-    """Replica ``index`` of the placement plan: its model's settings with the plan's port,
-    GPUs, tensor-parallel size and memory share over them. Every model is fetched first (the
-    plan reads every model's shape; a complete fetch is never repeated)."""
+def read_specs(settings: EngineSettings) -> list[ModelSpec] | None:
+    """The models to serve (the models file, else ``APPLIANCE_MODEL``), or None once every
+    mistake in the file is said."""
     try:
         specs, why = model_specs(settings)
     except ModelsFileError as exc:
         for error in exc.errors:
             say(f"cannot start: {error}")
-        return EXIT_PREFLIGHT
+        return None
     say(why)
+    return specs
+
+
+def start_replica(index: int, settings: EngineSettings, gpus: list[Gpu], build: VllmBuild,
+                  env_file: Path, dry_run: bool) -> int:
+    """Replica ``index`` of the placement plan: its model's settings with the plan's port,
+    GPUs, tensor-parallel size and memory share over them. Every model is fetched first (the
+    plan reads every model's shape; a complete fetch is never repeated)."""
+    specs = read_specs(settings)
+    if specs is None:
+        return EXIT_PREFLIGHT
     try:
         models = [(spec, read_model_shape(fetch_model(spec.source, settings.model_cache),
                                           spec.settings.dtype)) for spec in specs]
@@ -232,13 +241,9 @@ def show_plan(settings: EngineSettings, listing: bool = False, fetch: bool = Fal
     It reads the models' ``config.json`` and weight sizes where they already are (a local
     directory, or a complete copy in the model cache) and fetches nothing, unless ``fetch``
     (first boot, which must know the replicas before it enables their units)."""
-    try:
-        specs, why = model_specs(settings)
-    except ModelsFileError as exc:
-        for error in exc.errors:
-            say(f"cannot start: {error}")
+    specs = read_specs(settings)
+    if specs is None:
         return EXIT_PREFLIGHT
-    say(why)
     if settings.node_role != "single":
         say(f"cannot start: --plan places models on one node, and APPLIANCE_NODE_ROLE is "
             f"{settings.node_role}: use --dry-run")
