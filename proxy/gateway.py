@@ -42,8 +42,8 @@ from .relay.forward import (
     StreamOutcome,
     client_headers,
     timeout_error,
-    upstream_headers,
 )
+from .relay.transport import upstream_headers
 from .settings import ProxySettings
 from .tenancy.admission import QueueFull, Slot, Tenant, Unqueued
 from .tenancy.deadlines import deadlines_for

@@ -58,15 +58,20 @@ def cache_dir_for(source: ModelSource, cache: Path) -> Path:
     return cache / "huggingface" / source.location.replace("/", "--")
 
 
+def existing_dir(source: ModelSource) -> Path:
+    """A local model's directory, which must exist: nothing is fetched for it."""
+    path = Path(source.location)
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist")
+    return path
+
+
 def local_model_dir(spec: str, cache: Path) -> Path:
     """Where the model already is, fetching nothing: its directory, or its complete copy in
     the cache; a remote model not fetched yet is an error that says so."""
     source = parse_source(spec)
     if source.kind == "local":
-        path = Path(source.location)
-        if not path.is_dir():
-            raise ModelError(f"model directory {path} does not exist")
-        return path
+        return existing_dir(source)
     dest = cache_dir_for(source, cache)
     if not (dest / COMPLETE_MARKER).is_file():
         raise ModelError(
@@ -80,10 +85,7 @@ def fetch_model(spec: str, cache: Path) -> Path:
     """The model's local directory, copying it into ``cache`` first when it is remote."""
     source = parse_source(spec)
     if source.kind == "local":
-        path = Path(source.location)
-        if not path.is_dir():
-            raise ModelError(f"model directory {path} does not exist")
-        return path
+        return existing_dir(source)
     dest = cache_dir_for(source, cache)
     if (dest / COMPLETE_MARKER).is_file():
         return dest

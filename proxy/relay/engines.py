@@ -31,7 +31,7 @@ import httpx
 
 from ..protocol.errors import ProxyError, engine_unavailable, invalid, model_not_found
 from ..tenancy.admission import FairQueue
-from .transport import EngineTransport
+from .transport import CONNECT_TIMEOUT_S, EngineTransport, upstream_headers
 
 log = logging.getLogger("appliance.proxy")
 HEALTH_READ_TIMEOUT_S = 2.0
@@ -113,19 +113,12 @@ class Engines:
         for engine in self.all:
             await engine.transport.aclose()
 
-    def headers(self, request_id: str, json_body: bool = False) -> list[tuple[bytes, bytes]]:
-        headers = [(b"x-request-id", request_id.encode())]
-        if json_body:
-            headers.append((b"content-type", b"application/json"))
-        if self.engine_key:
-            headers.append((b"authorization", b"Bearer " + self.engine_key.encode()))
-        return headers
-
     async def _ask(self, engine: Engine, method: bytes, path: bytes, request_id: str,
                    body: dict | None = None, timeout: float = HEALTH_READ_TIMEOUT_S):
         content = b"" if body is None else json.dumps(body).encode()
-        response = await engine.transport.send(method, path, self.headers(
-            request_id, body is not None), content, 5.0, timeout)
+        headers = upstream_headers([], request_id, self.engine_key, json_body=body is not None)
+        response = await engine.transport.send(method, path, headers, content,
+                                               CONNECT_TIMEOUT_S, timeout)
         await response.aread()
         return response
 

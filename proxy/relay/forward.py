@@ -22,7 +22,7 @@ from ..protocol.errors import ProxyError, engine_unavailable
 from ..protocol.usage import TokenUsage, cut_usage, usage_of
 from .engines import Engines
 from .exchange import Exchange
-from .transport import EngineAnswer
+from .transport import CONNECT_TIMEOUT_S, EngineAnswer
 
 HOP_BY_HOP = frozenset(
     {
@@ -31,8 +31,6 @@ HOP_BY_HOP = frozenset(
         b"authorization", b"date", b"server",
     }
 )
-# Client headers the engine may see; everything else (cookies, the client's key) stays here.
-FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
 log = logging.getLogger("appliance.proxy")
 PARTIAL_EVENT_LIMIT = 1 << 20
 FINISHED = re.compile(rb'"finish_reason":\s*"')
@@ -42,8 +40,6 @@ FINGERPRINT = re.compile(rb',\s*"system_fingerprint":\s*"[^"]*"')
 # each content delta relayed (vLLM sends one per engine step, each at least one token).
 CONTENT_DELTA = b"event: content_block_delta"
 MESSAGE_DELTA = b"event: message_delta"
-# Reads are bounded by the request's own deadlines, which the gateway arms around each call.
-CONNECT_TIMEOUT_S = 5.0
 
 
 def quote_path(path: str) -> bytes:
@@ -61,18 +57,6 @@ def timeout_error(what: str) -> ProxyError:
 def upstream_failed(exc: Exception) -> ProxyError:
     return ProxyError(502, f"The engine failed while answering: {type(exc).__name__}.",
                       "upstream_error")
-
-
-def upstream_headers(client: list[tuple[bytes, bytes]], request_id: str, engine_key: str,
-                     json_body: bool) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in client if k in FORWARDED_REQUEST_HEADERS]
-    if json_body:
-        headers = [(k, v) for k, v in headers if k != b"content-type"]
-        headers.append((b"content-type", b"application/json"))
-    headers.append((b"x-request-id", request_id.encode()))
-    if engine_key:
-        headers.append((b"authorization", b"Bearer " + engine_key.encode()))
-    return headers
 
 
 def client_headers(upstream: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -33,6 +33,22 @@ log = logging.getLogger("appliance.proxy")
 READ_PAUSE_BYTES = 1 << 20
 # Below uvicorn's (and so vLLM's) default 5 s keep-alive timeout.
 KEEPALIVE_EXPIRY_S = 4.0
+# Reads are bounded by each request's own deadlines, which the gateway arms around each call.
+CONNECT_TIMEOUT_S = 5.0
+# Client headers the engine may see; everything else (cookies, the client's key) stays here.
+FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
+
+
+def upstream_headers(client: list[tuple[bytes, bytes]], request_id: str, engine_key: str,
+                     json_body: bool) -> list[tuple[bytes, bytes]]:
+    headers = [(k, v) for k, v in client if k in FORWARDED_REQUEST_HEADERS]
+    if json_body:
+        headers = [(k, v) for k, v in headers if k != b"content-type"]
+        headers.append((b"content-type", b"application/json"))
+    headers.append((b"x-request-id", request_id.encode()))
+    if engine_key:
+        headers.append((b"authorization", b"Bearer " + engine_key.encode()))
+    return headers
 
 
 class Connection(asyncio.Protocol):
