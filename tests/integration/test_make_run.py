@@ -45,6 +45,17 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
     raise AssertionError(f"no {marker!r} from run-stack.sh; it printed:\n{''.join(seen)}")
 
 
+def stop_stack(proc: subprocess.Popen, env: dict[str, str]) -> None:
+    """Whatever a test left running: Ctrl-C to the script, then `make stop`'s command."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run([str(SCRIPT), "stop"], cwd=ROOT, env=env, capture_output=True)
+
+
 @pytest.mark.timeout(900)
 def test_make_run_serves_through_nginx_and_stops(tmp_path):
     assert (ENGINE_VENV / "bin" / "appliance-engine").exists(), "run `make engine-venv` first"
@@ -151,13 +162,7 @@ def test_make_run_serves_through_nginx_and_stops(tmp_path):
             assert not port_open(port), f"{name} port {port} still open after stop"
         assert not list((run_dir / "pids").glob("*.pid"))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([str(SCRIPT), "stop"], cwd=ROOT, env=env, capture_output=True)
+        stop_stack(proc, env)
 
 
 @pytest.mark.timeout(900)
@@ -222,10 +227,4 @@ def test_a_models_file_serves_every_model_and_one_engine_away_leaves_the_other(t
                 max_tokens=4)
             assert answer.usage.completion_tokens >= 1
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([str(SCRIPT), "stop"], cwd=ROOT, env=env, capture_output=True)
+        stop_stack(proc, env)
