@@ -33,7 +33,7 @@ from .protocol.errors import (
 )
 from .protocol.models import is_models_route, models_answer
 from .protocol.routes import Route, api_of, route_for
-from .protocol.salt import SALT_FIELD, CacheSalts, with_cache_salt
+from .protocol.salt import SALT_FIELD, CacheSalts
 from .protocol.usage import TokenUsage, from_json_body
 from .relay.engines import Engine, Engines, affinity
 from .relay.exchange import Exchange, answer_start, send_answer
@@ -48,7 +48,7 @@ from .settings import ProxySettings
 from .tenancy.admission import QueueFull, Slot, Tenant, Unqueued
 from .tenancy.deadlines import deadlines_for
 from .tenancy.ledger import Ledger
-from .tenancy.limits import RateLimiter
+from .tenancy.limits import Decision, RateLimiter
 from .tenancy.quota import (
     LimitsUnavailable,
     QuotaBook,
@@ -255,18 +255,21 @@ class Gateway:
                               headers.get(b"content-length"))
         body = parse_request(raw, route) if method == "POST" and is_json(headers) else None
         self.check_model(key, path, body)
-        await self.admit_rate(key, extra)
+        self.check_rate(key, await self.limiter.admit(key.name, key.rpm, key.tpm,
+                                                      time.monotonic()), extra)
         if is_models_route(path):
             await self.answer_models(path, key, record, send, extra)
             return
-        engine = await self.engines.engine_for(
-            body.get("model") if body is not None else None,
-            affinity(key.name, body) if len(self.engines.all) > 1 else b"")
+        model = body.get("model") if body is not None else None
+        engine = self.engines.at_hand(model) or await self.engines.engine_for(
+            model, affinity(key.name, body))
         record.engine = engine.name
-        record.model = (body.get("model") or "") if body is not None else ""
+        record.model = model or ""
         self.metrics.engine_requests.labels(engine.name, record.model).inc()
         tenant = Tenant(key.name, key.weight, key.max_concurrent, batch_key is not None)
-        sequences = self.check_sequences(route, engine, tenant, body)
+        sequences = route.sequences(body) if route.generates and body is not None else 1
+        if sequences > 1:
+            self.check_sequences(engine, tenant, sequences)
         if body is not None and route.generates and self.settings.default_max_tokens:
             capped = self.with_default_cap(route, engine, body)
             if capped is not None:
@@ -274,7 +277,7 @@ class Gateway:
         reservation = await self.reserve_quota(key, route, engine, body, len(raw), sequences)
         if body is not None and route.salted:  # after the reservation: the salt is no prompt
             salt = self.salts.salt_for(key.name, key.cache_group)
-            raw = with_cache_salt(body, raw, salt)
+            raw = self.salts.salted(body, raw, salt)
             if route.usage_on_request and body.get("stream") is True:  # re-encoded from body
                 body = {**body, SALT_FIELD: salt}
         if self.inflight >= self.settings.max_inflight:
@@ -329,9 +332,8 @@ class Gateway:
             self.metrics.refused.labels(key.name, "model").inc()
             raise model_not_found(model)
 
-    async def admit_rate(self, key: Key, extra: list) -> None:
+    def check_rate(self, key: Key, decision: Decision, extra: list) -> None:
         """The key's requests and tokens per minute; its ``x-ratelimit-*`` headers either way."""
-        decision = await self.limiter.admit(key.name, key.rpm, key.tpm, time.monotonic())
         extra.extend(decision.headers)
         if not decision.allowed:
             self.metrics.rate_limited.labels(key.name, decision.reason).inc()
@@ -356,15 +358,11 @@ class Gateway:
         self.account(record)
         await send_answer(send, record, 200, [*JSON_HEADERS, *extra], content)
 
-    def check_sequences(self, route: Route, engine: Engine, tenant: Tenant,
-                        body: dict | None) -> int:
-        """How many sequences the request runs at once (``n``, ``best_of``, a prompt list).
-        One that could never get that many engine slots is refused now, not queued for ever."""
-        if not route.generates or body is None:
-            return 1
-        sequences = route.sequences(body)
+    def check_sequences(self, engine: Engine, tenant: Tenant, sequences: int) -> None:
+        """A request that runs several sequences at once (``n``, ``best_of``, a prompt list)
+        and could never get that many engine slots is refused now, not queued for ever."""
         queue = engine.queue
-        if sequences > 1 and not queue.fits(tenant, sequences):
+        if not queue.fits(tenant, sequences):
             self.metrics.refused.labels(tenant.name, "sequences").inc()
             most = queue.capacity if tenant.max_concurrent is None \
                 else min(queue.capacity, tenant.max_concurrent)
@@ -372,7 +370,6 @@ class Gateway:
                           f"and prompts together); key {tenant.name!r} may run at most {most} "
                           "at once here. Split it into smaller requests.", None,
                           "too_many_sequences")
-        return sequences
 
     async def reserve_quota(self, key: Key, route: Route, engine: Engine, body: dict | None,
                             size: int, sequences: int) -> Reservation | None:

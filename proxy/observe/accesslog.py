@@ -69,6 +69,20 @@ class Lines:
 
 LINES = Lines()
 atexit.register(LINES.flush)
+QUOTED: dict[str, str] = {}
+"""Strings that recur from line to line (key names, methods, routes, models, engines, error
+codes), JSON-quoted once: ``json.dumps`` of each was a tenth of a small request's line."""
+QUOTED_MOST = 4096
+"""Routes come from clients (every 404's path): the memo starts over past this many."""
+
+
+def quoted(text: str) -> str:
+    found = QUOTED.get(text)
+    if found is None:
+        if len(QUOTED) >= QUOTED_MOST:
+            QUOTED.clear()
+        found = QUOTED[text] = dumps(text)
+    return found
 WORKER_FIELD = ""
 """``, "worker": i`` in a worker of several (which process served a key), else nothing."""
 
@@ -86,13 +100,13 @@ def write(record: RequestRecord, duration_s: float) -> None:
     it the request joined its key's queue for the engine (body read, limits passed) and got its
     turn: who waited, for how long, and in what order.
 
-    Formatted by hand, every string through ``json.dumps``: a dict made and encoded for each
-    line took four times as long.
+    Formatted by hand, every string through ``json.dumps`` (``quoted`` for those that recur): a
+    dict made and encoded for each line took four times as long.
     """
     if not LINES.enabled:
         return
-    line = (f'{{"request_id": {dumps(record.request_id)}, "key": {dumps(record.key)}, '
-            f'"method": {dumps(record.method)}, "route": {dumps(record.route)}, '
+    line = (f'{{"request_id": {dumps(record.request_id)}, "key": {quoted(record.key)}, '
+            f'"method": {quoted(record.method)}, "route": {quoted(record.route)}, '
             f'"status": {record.status:d}, "duration_ms": {duration_s * 1000:.2f}, '
             f'"stream": {"true" if record.stream else "false"}, '
             f'"prompt_tokens": {record.prompt_tokens:d}, '
@@ -102,9 +116,9 @@ def write(record: RequestRecord, duration_s: float) -> None:
     if record.admitted is not None:
         line += f', "admitted_ms": {(record.admitted - record.arrived) * 1000:.3f}'
     if record.engine:
-        line += f', "model": {dumps(record.model)}, "engine": {dumps(record.engine)}'
+        line += f', "model": {quoted(record.model)}, "engine": {quoted(record.engine)}'
     if record.cached_tokens:
         line += f', "cached_tokens": {record.cached_tokens:d}'
     if record.error:
-        line += f', "error": {dumps(record.error)}'
+        line += f', "error": {quoted(record.error)}'
     LINES.add(line + WORKER_FIELD + "}")

@@ -31,7 +31,8 @@ def one(body: dict) -> int:
 
 def choices(body: dict) -> int:
     """Chat: ``n`` choices, each its own sequence in the engine's batch."""
-    return _positive(body.get("n"))
+    n = body.get("n")
+    return 1 if n is None else _positive(n)
 
 
 def prompt_count(prompt: object) -> int:

@@ -15,10 +15,12 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 
 SALT_FIELD = "cache_salt"
-BLANK = b" \t\r\n"
+OPENING = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*(?=")')
+"""A body's ``{`` and what precedes its first field's name."""
 
 
 class CacheSalts:
@@ -27,6 +29,7 @@ class CacheSalts:
     def __init__(self, secret: str) -> None:
         self.secret = (secret or secrets.token_hex(32)).encode()
         self.salts: dict[str, str] = {}
+        self.prefixes: dict[str, bytes] = {}
 
     def salt_for(self, name: str, group: str | None = None) -> str:
         """The salt of key ``name``, or of its cache group when it is in one."""
@@ -35,17 +38,19 @@ class CacheSalts:
         if salt is None:
             digest = hmac.new(self.secret, identity.encode(), hashlib.sha256).digest()
             salt = self.salts[identity] = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+            self.prefixes[salt] = b'{"%s": "%s", ' % (SALT_FIELD.encode(), salt.encode())
         return salt
 
+    def salted(self, body: dict, raw: bytes, salt: str) -> bytes:
+        """The request's bytes with ``cache_salt`` set to ``salt`` (one of this object's).
 
-def with_cache_salt(body: dict, raw: bytes, salt: str) -> bytes:
-    """The request's bytes with ``cache_salt`` set to ``salt``.
+        The field goes in front of the client's own bytes, which are left as they are (no
+        re-encode on every request); a body that already names a salt, or whose bytes do not
+        start plainly with ``{`` and a first field (another encoding, an empty object), is
+        re-encoded instead.
+        """
+        opening = OPENING.match(raw)
+        if opening is not None and SALT_FIELD not in body:
+            return self.prefixes[salt] + raw[opening.end():]
+        return json.dumps({**body, SALT_FIELD: salt}, ensure_ascii=False).encode()
 
-    The field goes in front of the client's own bytes, which are left as they are (no re-encode
-    on every request); a body that already names a salt, or whose bytes do not start plainly
-    with ``{`` and a first field (another encoding, an empty object), is re-encoded instead.
-    """
-    head = raw.lstrip(BLANK)
-    if SALT_FIELD not in body and head[:1] == b"{" and head[1:].lstrip(BLANK)[:1] == b'"':
-        return b'{"' + SALT_FIELD.encode() + b'": "' + salt.encode() + b'", ' + head[1:]
-    return json.dumps({**body, SALT_FIELD: salt}, ensure_ascii=False).encode()

@@ -214,13 +214,18 @@ class Engines:
                 seen.setdefault(model, card)
         return json.dumps({"object": "list", "data": list(seen.values())}).encode()
 
-    async def engine_for(self, model: str | None, preference: bytes) -> Engine:
-        """The engine a request for ``model`` goes to; 503 with Retry-After while none of its
-        engines is ready (the other models keep serving), 404 for a model none serves."""
-        if len(self.all) == 1:  # one engine: the common box, on every request's path
+    def at_hand(self, model: str | None) -> Engine | None:
+        """The box's one engine, ready and serving ``model``: the common case, found without
+        a coroutine on every request's path; None sends the request to ``engine_for``."""
+        if len(self.all) == 1:
             engine = self.all[0]
             if engine.ready and (model is None or model in engine.cards):
                 return engine
+        return None
+
+    async def engine_for(self, model: str | None, preference: bytes) -> Engine:
+        """The engine a request for ``model`` goes to; 503 with Retry-After while none of its
+        engines is ready (the other models keep serving), 404 for a model none serves."""
         if model is not None and not any(engine.serves(model) for engine in self.all):
             await self.relist()  # an adapter added since the engines were checked in
         replicas = self.replicas(model)

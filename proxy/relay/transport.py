@@ -37,14 +37,17 @@ KEEPALIVE_EXPIRY_S = 4.0
 CONNECT_TIMEOUT_S = 5.0
 # Client headers the engine may see; everything else (cookies, the client's key) stays here.
 FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
+FORWARDED_WITH_JSON = FORWARDED_REQUEST_HEADERS - {b"content-type"}
+"""A JSON body's content type is the gateway's to say (clients label it as they please)."""
 
 
 def upstream_headers(client: list[tuple[bytes, bytes]], request_id: str, engine_key: str,
                      json_body: bool) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in client if k in FORWARDED_REQUEST_HEADERS]
     if json_body:
-        headers = [(k, v) for k, v in headers if k != b"content-type"]
+        headers = [(k, v) for k, v in client if k in FORWARDED_WITH_JSON]
         headers.append((b"content-type", b"application/json"))
+    else:
+        headers = [(k, v) for k, v in client if k in FORWARDED_REQUEST_HEADERS]
     headers.append((b"x-request-id", request_id.encode()))
     if engine_key:
         headers.append((b"authorization", b"Bearer " + engine_key.encode()))

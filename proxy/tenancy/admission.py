@@ -123,6 +123,10 @@ class FairQueue:
         """Background lanes keep a virtual clock of their own: a batch's long run must not
         move live keys' clock on (it would erase their order among themselves)."""
         self.arrivals = itertools.count()
+        self.waiting = {False: 0, True: 0}
+        """Requests waiting, live (False) and background (True): a release with nobody waiting
+        (the common case) dispatches nothing, and a batch line sees at once whether a live one
+        waits, without a walk over every key's lane."""
 
     def queued(self, name: str, background: bool = False) -> int:
         lane = self.lanes.get((name, background))
@@ -158,8 +162,7 @@ class FairQueue:
 
     def _background_may(self, size: int) -> bool:
         """Background work goes only within its cap and while no live request waits its turn."""
-        return self.background_running + size <= self.background_cap and not any(
-            ln.waiting for ln in self.lanes.values() if not ln.background)
+        return self.background_running + size <= self.background_cap and not self.waiting[False]
 
     async def _wait(self, lane: Lane, stamps: Stamps, size: int) -> None:
         if len(lane.waiting) >= self.max_queued_per_key:
@@ -168,8 +171,7 @@ class FairQueue:
         granted = loop.create_future()
         entry = (next(self.arrivals), granted, stamps, size)
         stamps.queued = time.time()
-        lane.waiting.append(entry)
-        self.observe.depth(lane.name, len(lane.waiting))
+        self._enqueue(lane, entry)
         self._dispatch()  # it may head the fair order, and stall it until its slots are free
         queued_at = loop.time()
         try:
@@ -179,11 +181,24 @@ class FairQueue:
                 stamps.admitted = None  # granted just as the waiter gave up: hand the slot on
                 self._release(lane, size)
             elif entry in lane.waiting:
-                lane.waiting.remove(entry)
-                self.observe.depth(lane.name, len(lane.waiting))
+                self._dequeue(lane, entry)
                 self._dispatch()  # whoever queued behind it may fit now
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
+
+    def _enqueue(self, lane: Lane, entry: tuple) -> None:
+        lane.waiting.append(entry)
+        self.waiting[lane.background] += 1
+        self.observe.depth(lane.name, len(lane.waiting))
+
+    def _dequeue(self, lane: Lane, entry: tuple | None = None) -> None:
+        """Take ``entry`` (by default the lane's first) out of the lane's queue."""
+        if entry is None:
+            lane.waiting.popleft()
+        else:
+            lane.waiting.remove(entry)
+        self.waiting[lane.background] -= 1
+        self.observe.depth(lane.name, len(lane.waiting))
 
     def _clock(self, background: bool) -> float:
         return self.background_clock if background else self.clock
@@ -215,7 +230,7 @@ class FairQueue:
         passes it: smaller requests behind it would otherwise keep a large one waiting for
         ever. A background request over the background cap waits without stalling live ones."""
         self.stalled = False
-        while self.running < self.capacity:
+        while self.running < self.capacity and (self.waiting[False] or self.waiting[True]):
             ready = [lane for lane in self.lanes.values()
                      if lane.eligible() and not lane.background]
             if not ready:
@@ -227,16 +242,14 @@ class FairQueue:
             lane = min(ready, key=lambda ln: (max(ln.finish, clock), ln.waiting[0][0]))
             _, granted, stamps, size = lane.waiting[0]
             if granted.cancelled():
-                lane.waiting.popleft()  # its waiter is leaving and takes no slot
-                self.observe.depth(lane.name, len(lane.waiting))
+                self._dequeue(lane)  # its waiter is leaving and takes no slot
                 continue
             if lane.background and self.background_running + size > self.background_cap:
                 return
             if self.running + size > self.capacity:
                 self.stalled = True
                 return
-            lane.waiting.popleft()
-            self.observe.depth(lane.name, len(lane.waiting))
+            self._dequeue(lane)
             self._admit(lane, size)
             stamps.admitted = time.time()
             granted.set_result(None)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from proxy.protocol import routes
 from proxy.protocol.errors import ProxyError, engine_unavailable, unauthorized
 from proxy.protocol.routes import api_of, completion_sequences, is_gateway_path, route_for
-from proxy.protocol.salt import CacheSalts, with_cache_salt
+from proxy.protocol.salt import CacheSalts
 from proxy.tenancy.admission import FairQueue, Tenant
 
 
@@ -58,7 +58,9 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
        indent=st.sampled_from([None, 2]), lead=st.sampled_from(["", " ", "\n"]))
 def test_the_salt_is_the_keys_whatever_the_body(body, indent, lead):
     raw = (lead + json.dumps(body, indent=indent)).encode()
-    assert json.loads(with_cache_salt(body, raw, "SALT")) == {**body, "cache_salt": "SALT"}
+    salts = CacheSalts("secret")
+    salt = salts.salt_for("a")
+    assert json.loads(salts.salted(body, raw, salt)) == {**body, "cache_salt": salt}
 
 
 def test_errors_take_anthropics_shape_on_its_routes():
