@@ -57,6 +57,15 @@ log = logging.getLogger("appliance.proxy")
 KNOWN_ROUTES = OPS_ROUTES | frozenset(ROUTES)
 
 
+def metric_route(path: str) -> str:
+    """The ``route`` label: the path of a route the appliance serves, its template for a path
+    with an id in it (``/v1/files/{id}``: one series, not one per file), else ``other``."""
+    if path in KNOWN_ROUTES:
+        return path
+    route = route_for(path)
+    return route.path if route is not None else "other"
+
+
 def request_id_from(scope) -> str:
     """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
     for name, value in scope["headers"]:
@@ -153,7 +162,7 @@ class Appliance:
             duration = time.monotonic() - record.started
             if path in GENERATION_PATHS and 200 <= record.status < 300:
                 self.metrics.last_generation.set_to_current_time()
-            route = path if path in KNOWN_ROUTES else "other"
+            route = metric_route(path)
             self.metrics.requests.labels(route, str(record.status), record.key).inc()
             self.metrics.latency.labels(route).observe(duration)
             accesslog.write(record, duration)
@@ -206,7 +215,8 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appli
     engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda: FairQueue(
         settings.engine_concurrency, settings.max_queued_per_key,
         admission_observer(metrics, lambda: engines, len(settings.engine_endpoints) > 1),
-        background_cap=settings.batch_max_slots))
+        background_cap=settings.batch_max_slots,
+        background_beside_live=settings.batch_slots_beside_live))
     forwarder = Forwarder(engines,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(store, settings.usage_flush_interval_s, metrics)

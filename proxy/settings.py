@@ -130,8 +130,12 @@ class ProxySettings(BaseSettings):
     """Batches one key may have unfinished at once; more get 429 ``too_many_batches``."""
     batch_max_slots: int | None = Field(None, ge=1)
     """Engine slots batch lines may hold at once, per worker's share of an engine (never more
-    than the share). Default: half the share, so live traffic arriving while a batch runs
-    finds slots free."""
+    than the share), while no live traffic runs. Default: three quarters of the share, so a
+    batch fills an idle engine and live traffic that arrives still finds slots free."""
+    batch_slots_beside_live: int | None = Field(None, ge=1)
+    """Engine slots batch lines may hold while live traffic runs (a live request in the engine
+    or waiting, or one ended less than a second ago): each sequence in the engine's batch
+    lengthens every step of the live ones. Default: an eighth of the share, at least 1."""
     batch_lease_s: PositiveFloat = 30.0
     """A running batch's lease in the database, renewed while it runs; a gateway that died
     leaves it to be taken over this long after its last renewal."""
@@ -183,7 +187,10 @@ class ProxySettings(BaseSettings):
         if self.proxy_port + self.proxy_workers - 1 > 65535:
             raise ValueError("APPLIANCE_PROXY_PORT + APPLIANCE_PROXY_WORKERS - 1 is not a port")
         if self.batch_max_slots is None:
-            self.batch_max_slots = max(1, self.engine_concurrency // 2)
+            self.batch_max_slots = max(1, self.engine_concurrency * 3 // 4)
+        if self.batch_slots_beside_live is None:
+            self.batch_slots_beside_live = max(1, self.engine_concurrency // 8)
+        self.batch_slots_beside_live = min(self.batch_slots_beside_live, self.batch_max_slots)
         one_key = self.engine_concurrency + self.max_queued_per_key
         if self.max_inflight is None:
             self.max_inflight = 4 * one_key

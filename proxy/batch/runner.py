@@ -68,6 +68,8 @@ MAX_RUNNING_BATCHES = 8
 RETRY_CODES = frozenset({"rate_limit_exceeded", "too_many_requests", "engine_unavailable",
                          "key_store_unavailable", "limits_store_unavailable"})
 KEY_TTL_S = 1.0
+RESULTS_PAGE = 1000
+"""Result rows read from the database at a time while a batch's files are written."""
 
 
 @dataclass
@@ -301,7 +303,8 @@ class Runner:
         result = result_line(line_id(batch.id, line.number), line.custom_id, answer.status,
                              record.request_id, body)
         await self.storage.call("record_result", batch.id, line.number, line.custom_id,
-                                answer.status, json.dumps(result), record.prompt_tokens,
+                                answer.status, jsonl([result])[:-1].decode(),
+                                record.prompt_tokens,
                                 record.completion_tokens, time.time())
         self.metrics.batch_lines.labels("done" if succeeded(answer.status) else "failed").inc()
 
@@ -385,26 +388,45 @@ class Runner:
         """Write the output and error files from the committed results, then move the status
         and name the files in one transaction. Files first: a kill between the two leaves the
         status where it was, and the next runner writes the same files again."""
-        results = await self.storage.call("results", batch.id)
-        output = [json.loads(result) for _, status, result in results if succeeded(status)]
-        errors = [json.loads(result) for _, status, result in results if not succeeded(status)]
-        if unrun_code is not None:
-            done = {number for number, _, _ in results}
-            with contextlib.suppress(BadFile):  # no input left: no lines to name
-                errors += [error_line(line_id(batch.id, line.number), line.custom_id,
-                                      unrun_code, "The batch ended before this request ran.")
-                           for line in self._lines(batch) if line.number not in done]
-        names = {}
-        for kind, rows in (("output", output), ("errors", errors)):
+        ok, failed = await self.storage.call("counts", batch.id)
+        unrun = batch.total - ok - failed if unrun_code is not None else 0
+        names: dict[str, str | None] = {"output": None, "errors": None}
+        for kind, rows in (("output", ok), ("errors", failed + unrun)):
             if not rows:
-                names[kind] = None
                 continue
             file_id = output_file_id(batch.id, kind == "errors")
-            data = jsonl(rows)
-            await asyncio.to_thread(self.storage.write_bytes, file_id, data)
+            size, written = await asyncio.to_thread(
+                self._write_results, batch, file_id, kind == "errors", unrun_code)
             await self.storage.call("add_file", (
-                file_id, batch.owner, "batch_output", f"{batch.id}_{kind}.jsonl", len(data),
-                len(rows), time.time(), self.storage.node))
+                file_id, batch.owner, "batch_output", f"{batch.id}_{kind}.jsonl", size,
+                written, time.time(), self.storage.node))
             names[kind] = file_id
         await self.storage.call("move", batch.id, old, new, time.time(),
                                 output_file_id=names["output"], error_file_id=names["errors"])
+
+    def _write_results(self, batch: Batch, file_id: str, errors: bool,
+                       unrun_code: str | None) -> tuple[int, int]:
+        """(bytes, lines) of one result file, written from the database a page at a time (a
+        large batch's results are never held at once), then, in the error file of a batch that
+        ended early, a line for each line never run. Runs in a thread."""
+        written = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal written
+            after = 0
+            while page := self.storage.sync("results_page", batch.id, errors, after,
+                                            RESULTS_PAGE):
+                written += len(page)
+                yield b"".join(result.encode() + b"\n" for _, result in page)
+                after = page[-1][0]
+            if errors and unrun_code is not None:
+                done = self.storage.sync("done_lines", batch.id)
+                with contextlib.suppress(BadFile):  # no input left: no lines to name
+                    for line in self._lines(batch):
+                        if line.number not in done:
+                            written += 1
+                            yield jsonl([error_line(
+                                line_id(batch.id, line.number), line.custom_id, unrun_code,
+                                "The batch ended before this request ran.")])
+
+        return self.storage.write_stream(file_id, chunks()), written

@@ -239,10 +239,16 @@ class JobTables:
         return {row[0] for row in self._rows(
             "SELECT line FROM batch_results WHERE batch_id = ?", (batch_id,))}
 
-    def results(self, batch_id: str) -> list[tuple[int, int, str]]:
-        """(line, status_code, result JSON) of every finished line, in line order."""
-        return self._rows("SELECT line, status_code, result FROM batch_results"
-                          " WHERE batch_id = ? ORDER BY line", (batch_id,))
+    def results_page(self, batch_id: str, failed: bool, after: int,
+                     limit: int) -> list[tuple[int, str]]:
+        """(line, result JSON) of up to ``limit`` finished lines after line ``after``, in
+        line order: the succeeded ones, or with ``failed`` the others. Paged, so that writing
+        a large batch's output never holds all of it at once."""
+        succeeded = "status_code BETWEEN 200 AND 299"
+        return self._rows(
+            "SELECT line, result FROM batch_results WHERE batch_id = ? AND line > ? AND"
+            f" {'NOT ' if failed else ''}({succeeded}) ORDER BY line LIMIT ?",
+            (batch_id, after, limit))
 
     def counts(self, batch_id: str) -> tuple[int, int]:
         """(succeeded, failed) lines so far."""

@@ -33,6 +33,13 @@ lanes never hold more than ``background_cap`` slots together (room is left for l
 that arrives while they run: vLLM does not pre-empt), and among themselves they share by the
 same start-time fair order, so one key's large batch cannot starve another key's small one.
 
+While live traffic runs (a live request holds a slot or waits for one, or one ended less than
+``live_linger_s`` ago) background lanes may take slots only up to ``background_beside_live``:
+every sequence in vLLM's batch lengthens each step, so a batch that filled the engine while it
+was idle gives way, a line at a time as its running lines end, when interactive users come, and
+fills it again once they have been gone ``live_linger_s`` (a key's requests one after another
+leave gaps between them: the linger bridges those).
+
 Each slot notes on the wall clock when its request asked for its turn and when it got it, at
 the moment the turn is given (the waiter resumes later): the access log's account of who waited
 and who went first.
@@ -104,12 +111,20 @@ class Observer:
 
 class FairQueue:
     def __init__(self, capacity: int, max_queued_per_key: int,
-                 observer: Observer | None = None, background_cap: int | None = None) -> None:
+                 observer: Observer | None = None, background_cap: int | None = None,
+                 background_beside_live: int | None = None,
+                 live_linger_s: float = 1.0) -> None:
         if capacity < 1 or max_queued_per_key < 0:
             raise ValueError("capacity must be positive and the per-key queue bound not negative")
         self.capacity = capacity
         self.background_cap = capacity if background_cap is None \
             else max(1, min(background_cap, capacity))
+        self.background_beside_live = self.background_cap if background_beside_live is None \
+            else max(1, min(background_beside_live, self.background_cap))
+        self.live_linger_s = live_linger_s
+        self.live_until = 0.0
+        """Until when (monotonic) the last live request to end counts as live traffic still."""
+        self.recheck: asyncio.TimerHandle | None = None
         self.background_running = 0
         self.max_queued_per_key = max_queued_per_key
         self.observe = observer or Observer()
@@ -162,7 +177,29 @@ class FairQueue:
 
     def _background_may(self, size: int) -> bool:
         """Background work goes only within its cap and while no live request waits its turn."""
-        return self.background_running + size <= self.background_cap and not self.waiting[False]
+        return self.background_running + size <= self.background_cap_now() \
+            and not self.waiting[False]
+
+    def background_cap_now(self) -> int:
+        """The slots background lanes may hold now: fewer while live traffic runs."""
+        if self.background_beside_live == self.background_cap:
+            return self.background_cap
+        if self.running > self.background_running or self.waiting[False] \
+                or time.monotonic() < self.live_until:
+            return self.background_beside_live
+        return self.background_cap
+
+    def _recheck_when_live_gone(self) -> None:
+        """Background work held back only by the linger of live traffic now gone: look again
+        when the linger ends (no release may come to trigger a dispatch)."""
+        if self.recheck is None and self.running == self.background_running \
+                and not self.waiting[False]:
+            delay = max(0.0, self.live_until - time.monotonic())
+            self.recheck = asyncio.get_running_loop().call_later(delay, self._rechecked)
+
+    def _rechecked(self) -> None:
+        self.recheck = None
+        self._dispatch()
 
     async def _wait(self, lane: Lane, stamps: Stamps, size: int) -> None:
         if len(lane.waiting) >= self.max_queued_per_key:
@@ -221,6 +258,8 @@ class FairQueue:
         self.running -= size
         if lane.background:
             self.background_running -= size
+        elif self.background_beside_live != self.background_cap:
+            self.live_until = time.monotonic() + self.live_linger_s
         self.observe.in_use(self.running)
         self._dispatch()
 
@@ -244,7 +283,9 @@ class FairQueue:
             if granted.cancelled():
                 self._dequeue(lane)  # its waiter is leaving and takes no slot
                 continue
-            if lane.background and self.background_running + size > self.background_cap:
+            if lane.background and self.background_running + size > self.background_cap_now():
+                if self.background_running + size <= self.background_cap:
+                    self._recheck_when_live_gone()
                 return
             if self.running + size > self.capacity:
                 self.stalled = True

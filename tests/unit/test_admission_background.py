@@ -136,3 +136,45 @@ def test_a_request_larger_than_the_background_cap_does_not_fit():
     queue = FairQueue(8, 10, background_cap=2)
     assert queue.fits(Tenant("a"), 4)
     assert not queue.fits(Tenant("a", background=True), 4)
+
+
+def test_a_batch_gives_way_to_live_traffic_and_fills_the_engine_again_once_it_is_gone():
+    async def main():
+        queue = FairQueue(8, 100, background_cap=6, background_beside_live=1,
+                          live_linger_s=0.2)
+        h = Holder(queue)
+        for _ in range(10):
+            h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        assert queue.background_running == 6  # an idle engine: the batch takes its whole cap
+        h.start(Tenant("live"))
+        await settle()
+        assert h.order[-1] == "live"  # a free slot at once
+        for _ in range(5):  # the batch's lines end one by one and are not replaced ...
+            await h.release_first()
+        assert queue.background_running == 1
+        await h.release_first()  # ... but for the one it may keep beside live traffic
+        assert queue.background_running == 1 and queue.running == 2
+        assert h.order[-2:] == ["live", "bg"]
+        await h.release_first()  # the live request ends
+        await settle()
+        assert queue.background_running == 1  # live traffic lingers a moment ...
+        await asyncio.sleep(0.3)
+        await settle()
+        assert queue.background_running == 4  # ... then the batch fills the engine again
+        await h.finish()
+        assert queue.running == 0 and queue.recheck is None
+    asyncio.run(main())
+
+
+def test_without_a_separate_cap_beside_live_traffic_the_batch_keeps_its_cap():
+    async def main():
+        queue = FairQueue(4, 100, background_cap=2)
+        h = Holder(queue)
+        h.start(Tenant("live"))
+        for _ in range(3):
+            h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        assert queue.background_running == 2
+        await h.finish()
+    asyncio.run(main())
