@@ -132,10 +132,13 @@ class ProxySettings(BaseSettings):
     """Engine slots batch lines may hold at once, per worker's share of an engine (never more
     than the share), while no live traffic runs. Default: three quarters of the share, so a
     batch fills an idle engine and live traffic that arrives still finds slots free."""
-    batch_slots_beside_live: int | None = Field(None, ge=1)
+    batch_slots_beside_live: int = Field(0, ge=0)
     """Engine slots batch lines may hold while live traffic runs (a live request in the engine
-    or waiting, or one ended less than a second ago): each sequence in the engine's batch
-    lengthens every step of the live ones. Default: an eighth of the share, at least 1."""
+    or waiting, or one ended less than a second ago). 0: none, batches run only while no live
+    traffic does (each sequence in the engine's batch lengthens every step of the live ones:
+    on a CPU engine one batch line beside a live request costs it half again its time to first
+    token). On a GPU, where a few more sequences in a step cost little, a few slots here let
+    a batch go on beside light live traffic."""
     batch_lease_s: PositiveFloat = 30.0
     """A running batch's lease in the database, renewed while it runs; a gateway that died
     leaves it to be taken over this long after its last renewal."""
@@ -188,8 +191,6 @@ class ProxySettings(BaseSettings):
             raise ValueError("APPLIANCE_PROXY_PORT + APPLIANCE_PROXY_WORKERS - 1 is not a port")
         if self.batch_max_slots is None:
             self.batch_max_slots = max(1, self.engine_concurrency * 3 // 4)
-        if self.batch_slots_beside_live is None:
-            self.batch_slots_beside_live = max(1, self.engine_concurrency // 8)
         self.batch_slots_beside_live = min(self.batch_slots_beside_live, self.batch_max_slots)
         one_key = self.engine_concurrency + self.max_queued_per_key
         if self.max_inflight is None:

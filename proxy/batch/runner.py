@@ -68,6 +68,10 @@ MAX_RUNNING_BATCHES = 8
 RETRY_CODES = frozenset({"rate_limit_exceeded", "too_many_requests", "engine_unavailable",
                          "key_store_unavailable", "limits_store_unavailable"})
 KEY_TTL_S = 1.0
+LINES_PER_SLOT = 2
+"""Lines of a batch in flight per batch slot: while one line's result is being saved, or the
+line waits its background turn, another holds the engine slot (the fair queue, not this
+count, bounds what reaches the engine)."""
 RESULTS_PAGE = 1000
 """Result rows read from the database at a time while a batch's files are written."""
 
@@ -252,7 +256,7 @@ class Runner:
 
     async def _run_lines(self, batch: Batch) -> None:
         done = await self.storage.call("done_lines", batch.id)
-        free = asyncio.Semaphore(self.slots)
+        free = asyncio.Semaphore(self.slots * LINES_PER_SLOT)
         tasks: set[asyncio.Task] = set()
         try:
             for line in self._lines(batch):

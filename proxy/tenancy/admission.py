@@ -34,11 +34,11 @@ that arrives while they run: vLLM does not pre-empt), and among themselves they 
 same start-time fair order, so one key's large batch cannot starve another key's small one.
 
 While live traffic runs (a live request holds a slot or waits for one, or one ended less than
-``live_linger_s`` ago) background lanes may take slots only up to ``background_beside_live``:
-every sequence in vLLM's batch lengthens each step, so a batch that filled the engine while it
-was idle gives way, a line at a time as its running lines end, when interactive users come, and
-fills it again once they have been gone ``live_linger_s`` (a key's requests one after another
-leave gaps between them: the linger bridges those).
+``live_linger_s`` ago) background lanes may take slots only up to ``background_beside_live``
+(0: none): every sequence in vLLM's batch lengthens each step, so a batch that filled the
+engine while it was idle gives way, a line at a time as its running lines end, when
+interactive users come, and fills it again once they have been gone ``live_linger_s`` (a key's
+requests one after another leave gaps between them: the linger bridges those).
 
 Each slot notes on the wall clock when its request asked for its turn and when it got it, at
 the moment the turn is given (the waiter resumes later): the access log's account of who waited
@@ -120,7 +120,7 @@ class FairQueue:
         self.background_cap = capacity if background_cap is None \
             else max(1, min(background_cap, capacity))
         self.background_beside_live = self.background_cap if background_beside_live is None \
-            else max(1, min(background_beside_live, self.background_cap))
+            else max(0, min(background_beside_live, self.background_cap))
         self.live_linger_s = live_linger_s
         self.live_until = 0.0
         """Until when (monotonic) the last live request to end counts as live traffic still."""

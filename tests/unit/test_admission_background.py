@@ -178,3 +178,23 @@ def test_without_a_separate_cap_beside_live_traffic_the_batch_keeps_its_cap():
         assert queue.background_running == 2
         await h.finish()
     asyncio.run(main())
+
+
+def test_with_no_slots_beside_live_traffic_the_batch_waits_until_it_is_gone():
+    async def main():
+        queue = FairQueue(4, 100, background_cap=3, background_beside_live=0,
+                          live_linger_s=0.1)
+        h = Holder(queue)
+        h.start(Tenant("live"))
+        await settle()
+        for _ in range(2):
+            h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        assert queue.background_running == 0 and queue.running == 1
+        await h.release_first()  # the live request ends; the linger holds the batch back ...
+        assert queue.background_running == 0
+        await asyncio.sleep(0.2)
+        await settle()
+        assert queue.background_running == 2  # ... and then it runs
+        await h.finish()
+    asyncio.run(main())
