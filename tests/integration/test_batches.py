@@ -248,6 +248,15 @@ def test_bad_uploads_and_batch_requests_are_refused(box):
                               completion_window="24h")
     response = httpx.get(box.url + "/v1/batches", headers={"Authorization": "Bearer nope"})
     assert response.status_code == 401
+    key = {"Authorization": f"Bearer {box.secrets['alice']}"}
+    for window in ({}, [], 24):  # found by schemathesis: a dict was looked up, and raised
+        response = httpx.post(box.url + "/v1/batches", headers=key, json={
+            "input_file_id": uploaded.id, "endpoint": "/v1/chat/completions",
+            "completion_window": window})
+        assert response.status_code == 400, response.text
+    for limit in ("²", "0", "-1", "1e3"):  # "²".isdigit(), but int("²") raises
+        response = httpx.get(box.url + "/v1/batches", params={"limit": limit}, headers=key)
+        assert response.status_code == 400, response.text
 
 
 def test_too_large_a_file_is_refused(fake, tmp_path):
@@ -420,3 +429,4 @@ def test_lines_over_the_keys_rate_limit_wait_and_then_run(box, fake):
                  "appliance_batch_lines_running", "appliance_batch_slots_in_use"):
         assert name in metrics
     assert 'appliance_batch_lines_total{outcome="done"}' in metrics
+
