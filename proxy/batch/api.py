@@ -9,6 +9,7 @@ id that never existed, so ids reveal nothing.
 import asyncio
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from .jobs import (
     ACTIVE,
     COMPLETION_WINDOWS,
     FILE_PURPOSES,
+    OUTPUT_PURPOSES,
     IllegalMove,
     advance,
     check_metadata,
@@ -49,6 +51,9 @@ JSON = [(b"content-type", b"application/json")]
 MULTIPART_SLACK = 64 * 1024
 """Room for a multipart upload's headers and boundaries beyond the file itself."""
 MAX_PAGE = 10_000
+ID_FORM = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""The form of every id the gateway gives (``jobs.new_file_id`` ...). Anything else names
+nothing and never reaches the database: PostgreSQL answers a NUL in a string with an error."""
 
 
 class TooLarge(Exception):
@@ -65,9 +70,13 @@ def bad_file(exc: BadFile) -> ProxyError:
 
 def page_size(query: dict[str, list[str]], default: int) -> int:
     raw = query.get("limit", [str(default)])[0]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
         raise invalid(f"limit must be an integer from 1 to {MAX_PAGE}", "limit", "invalid_value")
     return int(raw)
+
+
+def well_formed(ident: str | None) -> bool:
+    return ident is not None and ID_FORM.fullmatch(ident) is not None
 
 
 def page(items: list[dict], limit: int) -> dict:
@@ -175,7 +184,7 @@ class BatchApi:
                               "invalid_value")
             if upload is None or isinstance(upload, str):
                 raise invalid("Send the file in a multipart field named 'file'.", "file")
-            filename = (upload.filename or "upload.jsonl")[:255]
+            filename = (upload.filename or "").replace("\x00", "")[:255] or "upload.jsonl"
             file_id = new_file_id()
             # Copied to its place and checked there, a line at a time, in a thread: a file of
             # hundreds of megabytes is never held in memory, nor blocks the loop.
@@ -211,13 +220,16 @@ class BatchApi:
 
     async def list_files(self, key: Key, query: dict[str, list[str]]) -> dict:
         limit = page_size(query, 10_000)
-        purpose = query.get("purpose", [None])[0]
-        rows = await self.storage.call("files", key.name, purpose, limit + 1,
-                                       query.get("after", [None])[0])
+        purpose, after = query.get("purpose", [None])[0], query.get("after", [None])[0]
+        if purpose not in (None, *FILE_PURPOSES, *OUTPUT_PURPOSES) or not (
+                after is None or well_formed(after)):
+            return page([], limit)
+        rows = await self.storage.call("files", key.name, purpose, limit + 1, after)
         return page([file_from_row(row).as_openai() for row in rows], limit)
 
     async def own_file(self, key: Key, file_id: str | None):
-        row = await self.storage.call("file", key.name, file_id)
+        row = await self.storage.call("file", key.name, file_id) if well_formed(file_id) \
+            else None
         if row is None:
             raise not_found("file", str(file_id))
         return file_from_row(row)
@@ -247,7 +259,7 @@ class BatchApi:
         if endpoint not in BATCH_URLS:
             raise invalid(f"endpoint must be one of {', '.join(BATCH_URLS)}", "endpoint",
                           "invalid_value")
-        if window not in COMPLETION_WINDOWS:
+        if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
             raise invalid(f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}",
                           "completion_window", "invalid_value")
         try:
@@ -285,12 +297,15 @@ class BatchApi:
 
     async def list_batches(self, key: Key, query: dict[str, list[str]]) -> dict:
         limit = page_size(query, 20)
-        rows = await self.storage.call("batches", key.name, limit + 1,
-                                       query.get("after", [None])[0])
+        after = query.get("after", [None])[0]
+        if not (after is None or well_formed(after)):
+            return page([], limit)
+        rows = await self.storage.call("batches", key.name, limit + 1, after)
         return page([await self.shown(batch_from_row(row)) for row in rows], limit)
 
     async def own_batch(self, key: Key, batch_id: str | None):
-        row = await self.storage.call("batch", str(batch_id), key.name)
+        row = await self.storage.call("batch", batch_id, key.name) if well_formed(batch_id) \
+            else None
         if row is None:
             raise not_found("batch", str(batch_id))
         return batch_from_row(row)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -248,6 +249,15 @@ def test_bad_uploads_and_batch_requests_are_refused(box):
                               completion_window="24h")
     response = httpx.get(box.url + "/v1/batches", headers={"Authorization": "Bearer nope"})
     assert response.status_code == 401
+    key = {"Authorization": f"Bearer {box.secrets['alice']}"}
+    for window in ({}, [], 24):  # found by schemathesis: a dict was looked up, and raised
+        response = httpx.post(box.url + "/v1/batches", headers=key, json={
+            "input_file_id": uploaded.id, "endpoint": "/v1/chat/completions",
+            "completion_window": window})
+        assert response.status_code == 400, response.text
+    for limit in ("²", "0", "-1", "1e3"):  # "²".isdigit(), but int("²") raises
+        response = httpx.get(box.url + "/v1/batches", params={"limit": limit}, headers=key)
+        assert response.status_code == 400, response.text
 
 
 def test_too_large_a_file_is_refused(fake, tmp_path):
@@ -420,3 +430,50 @@ def test_lines_over_the_keys_rate_limit_wait_and_then_run(box, fake):
                  "appliance_batch_lines_running", "appliance_batch_slots_in_use"):
         assert name in metrics
     assert 'appliance_batch_lines_total{outcome="done"}' in metrics
+
+
+def test_every_answer_has_the_shape_and_status_the_openapi_description_gives(box):
+    """Schemathesis never gets past a 404 here (its files are never valid batch input), so the
+    described 200s and 409s are checked on a real batch's life."""
+    box.client("shaped")
+    described = httpx.get(box.url + "/openapi.json").json()
+    headers = {"Authorization": f"Bearer {box.secrets['shaped']}"}
+
+    def call(method: str, template: str, path: str, **kwargs) -> httpx.Response:
+        response = httpx.request(method, box.url + path, headers=headers, **kwargs)
+        documented = described["paths"][template][method.lower()]["responses"]
+        answer = documented[str(response.status_code)]
+        answer = described["components"]["responses"]["Error"] if "$ref" in answer else answer
+        media = response.headers["content-type"]
+        assert media in answer["content"], (method, path, media)
+        if media == "application/json":
+            schema = {**answer["content"][media]["schema"],
+                      "components": described["components"]}
+            jsonschema.validate(response.json(), schema)
+        return response
+
+    data = batch_file(3, "shape", delay=0.5, failing=frozenset({1}))
+    uploaded = call("POST", "/v1/files", "/v1/files", data={"purpose": "batch"},
+                    files={"file": ("in.jsonl", data)})
+    file_id = uploaded.json()["id"]
+    call("GET", "/v1/files", "/v1/files", params={"purpose": "batch", "limit": 1})
+    call("GET", "/v1/files/{file_id}", f"/v1/files/{file_id}")
+    assert call("GET", "/v1/files/{file_id}/content",
+                f"/v1/files/{file_id}/content").content == data
+    created = call("POST", "/v1/batches", "/v1/batches",
+                   json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                         "completion_window": "24h", "metadata": {"k": "v"}}).json()
+    assert call("DELETE", "/v1/files/{file_id}", f"/v1/files/{file_id}").status_code == 409
+    done = wait_status(box.client("shaped"), created["id"], ("completed",))
+    call("GET", "/v1/batches/{batch_id}", f"/v1/batches/{done.id}")
+    call("GET", "/v1/batches", "/v1/batches", params={"limit": 5})
+    assert call("POST", "/v1/batches/{batch_id}/cancel",
+                f"/v1/batches/{done.id}/cancel").status_code == 409
+    for result in (done.output_file_id, done.error_file_id):
+        call("GET", "/v1/files/{file_id}", f"/v1/files/{result}")
+    assert call("DELETE", "/v1/files/{file_id}", f"/v1/files/{file_id}").json()["deleted"]
+    assert call("GET", "/v1/files/{file_id}", f"/v1/files/{file_id}").status_code == 404
+    cancelled = call("POST", "/v1/batches", "/v1/batches",
+                     json={"input_file_id": done.output_file_id, "completion_window": "24h",
+                           "endpoint": "/v1/chat/completions"})
+    assert cancelled.status_code == 400
