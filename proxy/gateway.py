@@ -79,6 +79,11 @@ def route_of(path: str, method: str) -> Route:
     return route
 
 
+def is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+               for name, value in headers)
+
+
 def is_json(headers: dict[bytes, bytes]) -> bool:
     return not headers.get(b"content-type", b"").lower().startswith(NOT_JSON)
 
@@ -450,8 +455,12 @@ class Gateway:
         if response.status_code >= 400:
             await response.aread()
             raise await self.engine_failure(ex, response)
-        if response.status_code != 200:
+        if response.status_code != 200 or not is_event_stream(response.headers):
+            # vLLM answers some routes (embeddings, pooling) in one piece whatever ``stream``
+            # says: that answer goes to the client as it is, with its own content type.
             await response.aread()
+            if response.status_code == 200:
+                note_usage(ex.record, from_json_body(response.content))
             await ex.answer(response.status_code, client_headers(response.headers),
                             response.content)
             return

@@ -111,3 +111,15 @@ def test_sequences_beyond_the_keys_concurrency_are_a_clear_400(gw):
         answer = httpx.post(gw.url + "/v1/chat/completions", headers=headers,
                             json={"model": MODEL, "messages": HELLO, **bad})
         assert answer.status_code == 400 and answer.json()["error"]["param"] in ("n", "best_of")
+
+
+def test_a_stream_asked_of_a_route_that_answers_in_one_piece_comes_as_the_engine_sent_it(gw):
+    """vLLM answers embeddings in one JSON piece whatever ``stream`` says: the client gets that
+    JSON with its content type, not a JSON body labelled as an event stream."""
+    answer = httpx.post(gw.url + "/v1/embeddings", json={"model": MODEL, "input": "a b c",
+                                                          "stream": True},
+                        headers={"Authorization": f"Bearer {gw.key('embed-stream')}"})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["data"]
+    wait_for(lambda: usage_row(gw, "embed-stream")[0] == 1)
