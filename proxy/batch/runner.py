@@ -19,19 +19,23 @@ own, and a lease needs no coordinator. A runner takes only batches whose input f
 own host's disk (``node``).
 
 Nothing lost, no result repeated. A line is done when its result row commits
-(``record_result``: one INSERT under the primary key (batch, line), a no-op if the row is
-there), and a resumed batch runs only the lines without a row. At any moment of a kill -9:
+(``record_results``: an INSERT under the primary key (batch, line), a no-op if the row is
+there; lines that end together share a transaction, ``Saver``), and a resumed batch runs only
+the lines without a row. At any moment of a kill -9:
 
 * a line with a committed row is never run again, and its committed result is the one in the
   output: finished work is neither lost nor repeated;
 * a line without a row (not started, waiting its turn, or at the engine) is run again once the
-  batch is resumed: nothing is lost. Of these, the lines that were *at the engine* when the
-  gateway died (at most ``APPLIANCE_BATCH_MAX_SLOTS``) may have been finished by the engine
-  all the same: vLLM aborts a plain request whose client vanished only when it notices, which
-  a short request may outrun. Their generation is then done twice, and their output line is
-  still written once. Exactly-once at the engine would need the engine to remember request
-  ids across a client's death, which vLLM does not; the runner bounds the repeat to the lines
-  in flight instead, and the e2e test counts them by name in vLLM's request log.
+  batch is resumed: nothing is lost. A line at the engine when the gateway died is aborted
+  there (vLLM cancels a request whose client vanished) and generated once, on the resume. The
+  one exception is a line whose answer the engine had finished but the gateway had not yet
+  saved: its generation is done twice and its output line still written once. That window is
+  the answer's way back and one commit; lines that end together share the commit
+  (``Saver``), so it is milliseconds, and at most ``APPLIANCE_BATCH_MAX_SLOTS`` lines are in
+  it. Exactly-once at the engine would need the engine to remember request ids across a
+  client's death, which vLLM does not; the e2e test counts repeats by name in vLLM's request
+  log (it kills the gateway the moment it sees a line saved, when lines ending together are
+  the most likely to be in flight).
 
 A batch's status moves by compare-and-set; output and error files have ids derived from the
 batch's, so finalizing twice (a kill between the file and the status) rewrites the same files.
@@ -54,6 +58,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..keys.jobs import LineResult
 from ..keys.store import Key, StoreUnavailable, UnknownKey
 from ..observe import accesslog
 from ..observe.accesslog import RequestRecord
@@ -83,6 +88,42 @@ class Answer:
     body: bytes = b""
 
 
+class Saver:
+    """Lines' results into the database, those that end together in one transaction.
+
+    Lines started together end together (one engine step finishes them all); saving each in a
+    transaction of its own queued them behind one another, each a thread hop, while their
+    answers were held only in memory. A line's ``save`` returns once its row is committed;
+    rows that come while a transaction runs go in the next one.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.pending: list[tuple[LineResult, asyncio.Future]] = []
+        self.task: asyncio.Task | None = None
+
+    async def save(self, result: LineResult) -> None:
+        saved = asyncio.get_running_loop().create_future()
+        self.pending.append((result, saved))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._write())
+        await saved
+
+    async def _write(self) -> None:
+        while self.pending:
+            rows, self.pending = self.pending, []
+            try:
+                await self.storage.call("record_results", [result for result, _ in rows])
+            except Exception as exc:  # each line's task reports it (``Runner._note_failure``)
+                for _, saved in rows:
+                    if not saved.done():
+                        saved.set_exception(exc)
+                continue
+            for _, saved in rows:
+                if not saved.done():
+                    saved.set_result(None)
+
+
 class Stop(Exception):
     """This runner must stop taking lines of a batch (see ``Runner.why_stop``)."""
 
@@ -108,6 +149,7 @@ class Runner:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.keys: dict[str, tuple[Key | None, float]] = {}
+        self.saver = Saver(storage)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._poll())
@@ -306,10 +348,9 @@ class Runner:
             body = answer.body.decode("utf-8", "replace")
         result = result_line(line_id(batch.id, line.number), line.custom_id, answer.status,
                              record.request_id, body)
-        await self.storage.call("record_result", batch.id, line.number, line.custom_id,
-                                answer.status, jsonl([result])[:-1].decode(),
-                                record.prompt_tokens,
-                                record.completion_tokens, time.time())
+        await self.saver.save(LineResult(
+            batch.id, line.number, line.custom_id, answer.status, jsonl([result])[:-1].decode(),
+            record.prompt_tokens, record.completion_tokens, time.time()))
         self.metrics.batch_lines.labels("done" if succeeded(answer.status) else "failed").inc()
 
     async def _call(self, batch: Batch, line: Line, key: Key) -> tuple[RequestRecord, Answer]:

@@ -8,8 +8,8 @@ which only adds tables. The statements are written once with ``?`` placeholders;
 
 Durability rests on three statements:
 
-* ``record_result`` inserts a finished line's result under the primary key (batch, line) and
-  does nothing when the row is there: a line is written once, however often it is reported.
+* ``record_results`` inserts finished lines' results under the primary key (batch, line) and
+  does nothing for a row that is there: a line is written once, however often it is reported.
 * ``claim``/``renew`` hold a batch with a lease (holder, until): a runner works only on a
   batch it holds, and one whose holder died is taken over once its lease has run out.
 * ``move`` changes a status only from the status read (compare-and-set), so a cancel and a
@@ -19,7 +19,7 @@ Durability rests on three statements:
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 BATCH_TABLES_SQLITE = (
     """CREATE TABLE IF NOT EXISTS batch_files (
@@ -92,6 +92,20 @@ class Tx(Protocol):
     def run(self, sql: str, args: tuple = ()) -> int:
         """Run one statement; the rows it changed."""
         ...
+
+
+class LineResult(NamedTuple):
+    """One finished line of a batch, as its row in ``batch_results``."""
+
+    batch_id: str
+    line: int
+    custom_id: str
+    status_code: int
+    result: str
+    """The output or error file's line for it, JSON."""
+    prompt_tokens: int
+    completion_tokens: int
+    finished_at: float
 
 
 class JobTables:
@@ -223,17 +237,14 @@ class JobTables:
 
     # Results
 
-    def record_result(self, batch_id: str, line: int, custom_id: str, status_code: int,
-                      result: str, prompt_tokens: int, completion_tokens: int,
-                      now: float) -> bool:
-        """A line's result, once: False when the line already had one (nothing changes)."""
+    def record_results(self, results: list[LineResult]) -> int:
+        """Lines' results, in one transaction, each once: how many were new (a line that
+        already had a row keeps it)."""
         with self.transaction() as tx:
-            return tx.run(
+            return sum(tx.run(
                 "INSERT INTO batch_results (batch_id, line, custom_id, status_code, result,"
                 " prompt_tokens, completion_tokens, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (batch_id, line) DO NOTHING",
-                (batch_id, line, custom_id, status_code, result, prompt_tokens,
-                 completion_tokens, now)) > 0
+                " ON CONFLICT (batch_id, line) DO NOTHING", tuple(result)) for result in results)
 
     def done_lines(self, batch_id: str) -> set[int]:
         return {row[0] for row in self._rows(

@@ -85,9 +85,8 @@ def test_kill_9_mid_batch_then_restart_saves_every_line_once(box, vllm):
     vllm.wait_idle()
     assert client_counts.completed == count and client_counts.failed == 0
     # Every line saved and finished at vLLM once, but for what the runner's docstring names:
-    # a line at the engine when the gateway died may have been finished by vLLM all the same
-    # (it aborts a plain request only once it notices the client gone), and runs again; at
-    # most the batch's slots. vLLM's log says which, and its success count agrees.
+    # a line whose answer vLLM had finished and the gateway had not saved when it died runs
+    # again; at most the batch's slots. vLLM's log says which, and its success count agrees.
     finished = finished_per_line(vllm, batch.id)
     assert set(finished) == {str(n) for n in range(1, count + 1)}
     twice = sorted(line for line, n in finished.items() if n > 1)

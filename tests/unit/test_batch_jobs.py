@@ -14,6 +14,7 @@ from proxy.batch.jobs import (
     output_file_id,
 )
 from proxy.batch.storage import batch_from_row
+from proxy.keys.jobs import LineResult
 from proxy.keys.sqlite import SqliteKeyStore
 
 
@@ -80,8 +81,8 @@ def add_batch(tables, batch_id: str = "batch_1", node: str = "box", total: int =
 
 def test_a_line_result_is_written_once_however_often_it_is_reported(tables):
     add_batch(tables)
-    assert tables.record_result("batch_1", 1, "r1", 200, "{}", 3, 4, 5.0)
-    assert not tables.record_result("batch_1", 1, "r1", 500, "{}", 9, 9, 6.0)
+    assert tables.record_results([LineResult("batch_1", 1, "r1", 200, "{}", 3, 4, 5.0)]) == 1
+    assert tables.record_results([LineResult("batch_1", 1, "r1", 500, "{}", 9, 9, 6.0)]) == 0
     assert tables.results_page("batch_1", False, 0, 10) == [(1, "{}")]
     assert tables.results_page("batch_1", True, 0, 10) == []
     assert tables.counts("batch_1") == (1, 0)
@@ -92,9 +93,9 @@ def test_a_line_result_is_written_once_however_often_it_is_reported(tables):
 
 def test_results_come_a_page_at_a_time_in_line_order(tables):
     add_batch(tables, total=7)
-    for line in (5, 1, 3, 2, 7, 4):
-        tables.record_result("batch_1", line, f"r{line}", 500 if line == 4 else 200,
-                             f'{{"line": {line}}}', 1, 1, 1.0)
+    assert tables.record_results([
+        LineResult("batch_1", line, f"r{line}", 500 if line == 4 else 200,
+                   f'{{"line": {line}}}', 1, 1, 1.0) for line in (5, 1, 3, 2, 7, 4)]) == 6
     assert tables.results_page("batch_1", False, 0, 2) == [(1, '{"line": 1}'), (2, '{"line": 2}')]
     assert [n for n, _ in tables.results_page("batch_1", False, 2, 10)] == [3, 5, 7]
     assert tables.results_page("batch_1", False, 7, 10) == []
