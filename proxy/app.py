@@ -185,11 +185,19 @@ def prepare_store(settings: ProxySettings) -> None:
 def admission_observer(metrics: Metrics, engines: Callable[[], Engines],
                        several: bool) -> Observer:
     """A fair queue's callbacks into the metrics (admission itself knows no Prometheus); slots
-    in use are counted over every engine's queue (with one engine, its own count is that)."""
+    in use and keys' queues are counted over every engine's queue (a key may wait at several,
+    and in its batch lane too: one queue's count would overwrite another's)."""
     in_use = (lambda _: metrics.engine_slots_in_use.set(
         sum(engine.queue.running for engine in engines().all))) if several \
         else metrics.engine_slots_in_use.set
-    return Observer(depth=lambda key, n: metrics.queue_depth.labels(key).set(n),
+
+    def depth(key: str, _: int) -> None:
+        """A key's requests waiting, live and batch, over every engine: one gauge each."""
+        metrics.queue_depth.labels(key).set(sum(
+            engine.queue.queued(key) + engine.queue.queued(key, background=True)
+            for engine in engines().all))
+
+    return Observer(depth=depth,
                     waited=lambda key, s: metrics.queue_wait.labels(key).observe(s),
                     in_use=in_use)
 
