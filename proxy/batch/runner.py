@@ -26,15 +26,16 @@ the lines without a row. At any moment of a kill -9:
 * a line with a committed row is never run again, and its committed result is the one in the
   output: finished work is neither lost nor repeated;
 * a line without a row (not started, waiting its turn, or at the engine) is run again once the
-  batch is resumed: nothing is lost. Of these, the lines that were *at the engine* when the
-  gateway died (at most ``APPLIANCE_BATCH_MAX_SLOTS``) are finished by the engine all the
-  same: vLLM does not abort a request that is not streamed when its client vanishes (shown
-  with curl on vLLM 0.32 here; vLLM issue 54947). Their generation is then done twice, and
-  their output line is still written once. Exactly-once at the engine would need the engine
-  to drop a request whose client died, or to remember request ids across it, which vLLM does
-  not; the runner bounds the repeat to the lines in flight instead, and the e2e test counts
-  them by name in vLLM's request log. Lines that end together are saved in one transaction
-  (``Saver``), so no finished answer waits behind another's commit.
+  batch is resumed: nothing is lost. A line at the engine when the gateway died is aborted
+  there (vLLM cancels a request whose client vanished) and generated once, on the resume. The
+  one exception is a line whose answer the engine had finished but the gateway had not yet
+  saved: its generation is done twice and its output line still written once. That window is
+  the answer's way back and one commit; lines that end together share the commit
+  (``Saver``), so it is milliseconds, and at most ``APPLIANCE_BATCH_MAX_SLOTS`` lines are in
+  it. Exactly-once at the engine would need the engine to remember request ids across a
+  client's death, which vLLM does not; the e2e test counts repeats by name in vLLM's request
+  log (it kills the gateway the moment it sees a line saved, when lines ending together are
+  the most likely to be in flight).
 
 A batch's status moves by compare-and-set; output and error files have ids derived from the
 batch's, so finalizing twice (a kill between the file and the status) rewrites the same files.

@@ -85,14 +85,13 @@ def test_kill_9_mid_batch_then_restart_saves_every_line_once(box, vllm):
     vllm.wait_idle()
     assert client_counts.completed == count and client_counts.failed == 0
     # Every line saved and finished at vLLM once, but for what the runner's docstring names:
-    # a line at the engine when the gateway died is finished by vLLM all the same (it does
-    # not abort a request that is not streamed when its client vanishes) and runs again; at
-    # most the batch's slots. vLLM's log says which, and its success count agrees.
+    # a line whose answer vLLM had finished and the gateway had not saved when it died runs
+    # again; at most the batch's slots. vLLM's log says which, and its success count agrees.
     finished = finished_per_line(vllm, batch.id)
     assert set(finished) == {str(n) for n in range(1, count + 1)}
     twice = sorted(line for line, n in finished.items() if n > 1)
     assert all(n in (1, 2) for n in finished.values()) and len(twice) <= SLOTS, twice
-    print(f"lines vLLM finished twice (at the engine at the kill): {twice or 'none'}")
+    print(f"lines vLLM finished twice (answer unsaved at the kill): {twice or 'none'}")
     # Each gateway's start generates once (its canary).
     assert vllm.metric(SUCCESS) - before == count + len(twice) + 2
     assert sorted(r["custom_id"] for r in results) == sorted(f"killed-{i}" for i in range(count))
