@@ -94,7 +94,9 @@ class Saver:
     Lines started together end together (one engine step finishes them all); saving each in a
     transaction of its own queued them behind one another, each a thread hop, while their
     answers were held only in memory. A line's ``save`` returns once its row is committed;
-    rows that come while a transaction runs go in the next one.
+    rows that come while a transaction runs go in the next one. The saver has a connection of
+    its own (``Storage.twin``): results never wait behind the API's reads or the runner's
+    polls.
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -149,7 +151,7 @@ class Runner:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.keys: dict[str, tuple[Key | None, float]] = {}
-        self.saver = Saver(storage)
+        self.saver = Saver(storage.twin())
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._poll())
@@ -165,6 +167,7 @@ class Runner:
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
         await asyncio.gather(*self.running.values(), return_exceptions=True)
+        self.saver.storage.close()
 
     def should_pause(self) -> bool:
         return self.stopping or self.draining()

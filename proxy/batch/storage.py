@@ -57,6 +57,11 @@ class Storage:
         assert self.tables is not None
         return self.tables
 
+    def twin(self) -> "Storage":
+        """The same tables and directory over a connection of its own: what must not wait
+        behind the others' queries (a finished line's result) goes through one."""
+        return Storage(self.open_store, self.directory, self.node)
+
     def sync(self, method: str, *args, **kwargs):
         with self.lock:
             return getattr(self._tables(), method)(*args, **kwargs)
