@@ -45,6 +45,7 @@ from .settings import ProxySettings
 from .tenancy.admission import FairQueue, Observer
 from .tenancy.ledger import Ledger
 from .tenancy.limits import RateLimiter
+from .tenancy.liveboard import LiveBoard
 from .tenancy.quota import QuotaBook
 
 GATEWAY_OPENAPI = Path(__file__).with_name("openapi_gateway.json")
@@ -213,18 +214,21 @@ def limits_for(settings: ProxySettings, auth: Authenticator, metrics: Metrics):
     return SharedLimiter(link), SharedQuotaBook(link, auth.period_usage), link
 
 
-def create_app(settings: ProxySettings, siblings: tuple[int, ...] = ()) -> Appliance:
-    """``siblings``: the ports of the other workers of this gateway, if any."""
+def create_app(settings: ProxySettings, siblings: tuple[int, ...] = (),
+               board: LiveBoard | None = None) -> Appliance:
+    """``siblings``: the ports of the other workers of this gateway, if any; ``board``: where
+    the workers tell each other whether live traffic runs (none with one worker)."""
     metrics = Metrics()
     prepare_store(settings)
     store = functools.partial(open_store, settings.keys_location, create=False,
                               pool_size=settings.keys_pool_size)
     auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
-    engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda: FairQueue(
+    engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda index: FairQueue(
         settings.engine_concurrency, settings.max_queued_per_key,
         admission_observer(metrics, lambda: engines, len(settings.engine_endpoints) > 1),
         background_cap=settings.batch_max_slots,
-        background_beside_live=settings.batch_slots_beside_live))
+        background_beside_live=settings.batch_slots_beside_live,
+        board=board.seat(index) if board is not None else None))
     forwarder = Forwarder(engines,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
     ledger = Ledger(store, settings.usage_flush_interval_s, metrics)

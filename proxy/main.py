@@ -7,6 +7,8 @@ running this same command with ``--worker INDEX`` (``proxy/supervisor.py``).
 import argparse
 import gc
 import logging
+import os
+from pathlib import Path
 
 import uvicorn
 
@@ -14,15 +16,25 @@ from .app import create_app
 from .coalesce import HttpProtocol
 from .observe import accesslog
 from .settings import ProxySettings, load_settings
-from .supervisor import Supervisor
+from .supervisor import MULTIPROC_ENV, Supervisor
+from .tenancy.liveboard import BOARD_FILE, LiveBoard
 from .workers import ports, worker_settings
+
+
+def live_board(settings: ProxySettings, worker: int | None) -> LiveBoard | None:
+    """Worker ``worker``'s seat on the board its supervisor made; none for a lone gateway."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if worker is None or settings.proxy_workers == 1 or not directory:
+        return None
+    return LiveBoard(Path(directory) / BOARD_FILE, settings.proxy_workers,
+                     len(settings.engine_endpoints), worker)
 
 
 def serve(settings: ProxySettings, worker: int | None, siblings: tuple[int, ...] = ()) -> None:
     """uvicorn without its X-Forwarded-For rewriting (an address parse on every request): the
     only use of the client's address, the loopback check of /metrics, reads NGINX's X-Real-IP."""
     accesslog.configure(settings.log_level, worker)
-    app = create_app(settings, siblings)
+    app = create_app(settings, siblings, live_board(settings, worker))
     # What start-up made (modules, FastAPI's routes, pydantic's models) lives as long as the
     # process: frozen, the collector stops walking it on every full collection. A request
     # leaves little cyclic garbage (a cancelled task, an exception's frames), so the youngest

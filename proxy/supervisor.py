@@ -10,7 +10,8 @@ the key, would pick the worker and every per-key limit would be multiplied by th
 
 Prometheus counters of all workers are added up by prometheus-client's multiprocess mode: each
 worker writes its values to memory-mapped files in one directory, and any worker's
-``/metrics`` reads them all.
+``/metrics`` reads them all. The live board (``proxy/tenancy/liveboard.py``), through which
+workers see each other's live traffic, lives there too.
 """
 
 import contextlib
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from .app import prepare_store
 from .settings import ProxySettings
+from .tenancy import liveboard
 
 log = logging.getLogger("appliance.proxy")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -79,6 +81,8 @@ class Supervisor:
         # The store's schema is made or upgraded once, here, not by every worker at once.
         prepare_store(self.settings)
         directory, owned = metrics_dir()
+        liveboard.prepare(directory / liveboard.BOARD_FILE, self.count,
+                          len(self.settings.engine_endpoints))
         env = {**os.environ, MULTIPROC_ENV: str(directory),
                "APPLIANCE_PROXY_WORKERS": str(self.count)}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,6 +111,8 @@ class Supervisor:
                 log.error("worker %d (pid %d) exited with %s; starting it again", index,
                           proc.pid, proc.returncode)
                 multiprocess.mark_process_dead(proc.pid, str(directory))
+                liveboard.clear(directory / liveboard.BOARD_FILE, index,
+                                len(self.settings.engine_endpoints))
                 self.workers[index] = None
                 self.died_at[index] = now
             if self.workers[index] is None and now - self.died_at[index] >= RESTART_DELAY_S:

@@ -8,7 +8,10 @@ So a key's token buckets, its quota reservations and its fair queue live in exac
 process, as they did with one worker, and nothing on the request path crosses processes or
 waits for a shared store. What does cross processes is divided once, here: the engine's slots
 (``engine_concurrency``) and the memory guard (``max_inflight``) are split among the workers,
-so together they never let more into vLLM than its batch holds.
+so together they never let more into vLLM than its batch holds. One thing is shared while
+they run, off the request path: whether live traffic runs, so that a batch in one worker gives
+way to live traffic in the others (``proxy/tenancy/liveboard.py``, written only when a
+worker's live traffic starts or ends).
 
 The price of that choice: one key alone can use at most its worker's share of the engine's
 slots (``engine_concurrency / workers``), where one process would give it all of them when no

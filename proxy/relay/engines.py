@@ -99,7 +99,8 @@ def choose(replicas: list[Engine], preference: bytes) -> Engine:
 
 class Engines:
     def __init__(self, urls: list[str], engine_key: str,
-                 make_queue: Callable[[], FairQueue]) -> None:
+                 make_queue: Callable[[int], FairQueue]) -> None:
+        """``make_queue(index)``: the fair queue of the engine at ``urls[index]``."""
         self.engine_key = engine_key
         self.all: list[Engine] = []
         for url in urls:
@@ -107,7 +108,7 @@ class Engines:
             if base.scheme != "http":
                 raise ValueError(f"engines are reached over plain HTTP on loopback, not {url}")
             self.all.append(Engine(url, EngineTransport(base.host, base.port or 80),
-                                   make_queue()))
+                                   make_queue(len(self.all))))
 
     async def close(self) -> None:
         for engine in self.all:

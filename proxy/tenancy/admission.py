@@ -40,6 +40,14 @@ engine while it was idle gives way, a line at a time as its running lines end, w
 interactive users come, and fills it again once they have been gone ``live_linger_s`` (a key's
 requests one after another leave gaps between them: the linger bridges those).
 
+With several workers, a batch runs in one of them, while live traffic on the same engine may
+run in the others, whose queues this one cannot see: a ``board`` (``liveboard.py``, one
+float per worker and engine in a file they share) tells it. This queue writes its own
+``live_until`` there only when its live traffic starts (``inf``) and when its last live
+request ends (the end of the linger), never per request; it reads the others' only when
+background work asks for a slot, and while background work waits on nothing but their live
+traffic it looks again every ``BOARD_POLL_S`` (no release here will wake it).
+
 Each slot notes on the wall clock when its request asked for its turn and when it got it, at
 the moment the turn is given (the waiter resumes later): the access log's account of who waited
 and who went first.
@@ -47,11 +55,15 @@ and who went first.
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+
+BOARD_POLL_S = 0.25
+"""How often background work held back by other workers' live traffic looks at the board."""
 
 
 class QueueFull(Exception):
@@ -109,11 +121,21 @@ class Observer:
     in_use: Callable[[int], None] = lambda slots: None
 
 
+class Board(Protocol):
+    """The other workers' live traffic on this queue's engine (``liveboard.Seat``)."""
+
+    def post(self, live_until: float) -> None:
+        """Publish this queue's ``live_until`` (``inf``: live traffic runs or waits)."""
+
+    def others_until(self) -> float:
+        """The latest ``live_until`` the other workers published."""
+
+
 class FairQueue:
     def __init__(self, capacity: int, max_queued_per_key: int,
                  observer: Observer | None = None, background_cap: int | None = None,
                  background_beside_live: int | None = None,
-                 live_linger_s: float = 1.0) -> None:
+                 live_linger_s: float = 1.0, board: Board | None = None) -> None:
         if capacity < 1 or max_queued_per_key < 0:
             raise ValueError("capacity must be positive and the per-key queue bound not negative")
         self.capacity = capacity
@@ -124,6 +146,11 @@ class FairQueue:
         self.live_linger_s = live_linger_s
         self.live_until = 0.0
         """Until when (monotonic) the last live request to end counts as live traffic still."""
+        self.board = board if self.background_beside_live != self.background_cap else None
+        """Nobody reads it when live traffic does not limit background work."""
+        self.board_idle = self.board is not None
+        """The board shows no live traffic here: the next live request must post its start
+        (always False without a board, so that a live admission costs one test)."""
         self.recheck: asyncio.TimerHandle | None = None
         self.background_running = 0
         self.max_queued_per_key = max_queued_per_key
@@ -185,16 +212,24 @@ class FairQueue:
         if self.background_beside_live == self.background_cap:
             return self.background_cap
         if self.running > self.background_running or self.waiting[False] \
-                or time.monotonic() < self.live_until:
+                or time.monotonic() < self.live_until_anywhere():
             return self.background_beside_live
         return self.background_cap
 
+    def live_until_anywhere(self) -> float:
+        """Until when live traffic counts, here or in another worker (``inf``: it runs)."""
+        if self.board is None:
+            return self.live_until
+        return max(self.live_until, self.board.others_until())
+
     def _recheck_when_live_gone(self) -> None:
-        """Background work held back only by the linger of live traffic now gone: look again
-        when the linger ends (no release may come to trigger a dispatch)."""
+        """Background work held back only by the linger of live traffic gone from here, or by
+        other workers' live traffic: look again when the linger ends, or soon while theirs
+        runs (no release here may come to trigger a dispatch)."""
         if self.recheck is None and self.running == self.background_running \
                 and not self.waiting[False]:
-            delay = max(0.0, self.live_until - time.monotonic())
+            until = self.live_until_anywhere()
+            delay = BOARD_POLL_S if until == math.inf else max(0.0, until - time.monotonic())
             self.recheck = asyncio.get_running_loop().call_later(delay, self._rechecked)
 
     def _rechecked(self) -> None:
@@ -220,12 +255,16 @@ class FairQueue:
             elif entry in lane.waiting:
                 self._dequeue(lane, entry)
                 self._dispatch()  # whoever queued behind it may fit now
+            if not lane.background:
+                self._post_if_live_gone()
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
 
     def _enqueue(self, lane: Lane, entry: tuple) -> None:
         lane.waiting.append(entry)
         self.waiting[lane.background] += 1
+        if self.board_idle and not lane.background:
+            self._post_live()
         self.observe.depth(lane.name, len(lane.waiting))
 
     def _dequeue(self, lane: Lane, entry: tuple | None = None) -> None:
@@ -247,6 +286,8 @@ class FairQueue:
             self.background_clock = start
         else:
             self.clock = start
+            if self.board_idle:
+                self._post_live()
         lane.running += size
         self.running += size
         if lane.background:
@@ -260,8 +301,22 @@ class FairQueue:
             self.background_running -= size
         elif self.background_beside_live != self.background_cap:
             self.live_until = time.monotonic() + self.live_linger_s
+            if self.board is not None:
+                self._post_if_live_gone()
         self.observe.in_use(self.running)
         self._dispatch()
+
+    def _post_live(self) -> None:
+        """Live traffic starts here: the other workers' background work gives way to it."""
+        self.board.post(math.inf)
+        self.board_idle = False
+
+    def _post_if_live_gone(self) -> None:
+        """The last live request here ended: the board shows until when it lingers."""
+        if not self.board_idle and self.board is not None \
+                and self.running == self.background_running and not self.waiting[False]:
+            self.board.post(self.live_until)
+            self.board_idle = True
 
     def _dispatch(self) -> None:
         """Fill free slots from the eligible key whose next request starts earliest, live keys

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ import openai
 import pytest
 
 from tests.integration.proxy_stack import ENGINE_KEY, keys_cli, make_key
-from tests.servers import free_port, proxy, running
+from tests.servers import free_port, proxy, running, wait_http
 
 
 def batch_file(count: int, tag: str, delay: float = 0.0, failing: frozenset[int] = frozenset(),
@@ -355,6 +356,40 @@ def test_with_two_workers_each_line_runs_once(fake, tmp_path):
             assert wait_status(client, batch.id, ("completed",)).request_counts.completed == 10
     for n in range(3):
         assert runs_of(fake, f"pair{n}") == {f"pair{n}-{i}": 1 for i in range(10)}
+
+
+def test_with_two_workers_a_batch_gives_way_to_live_traffic_in_the_other_one(fake, tmp_path):
+    """Live traffic to a key of worker 0 holds back a batch run by worker 1 on the same engine
+    (the live board), until it has gone and lingered."""
+    box = Box(fake.url, tmp_path, batch_max_slots=2, proxy_workers=2,
+              batch_poll_interval_s=60)  # the batch runs in the worker it was created in
+    with box.up():
+        other = box.url.rsplit(":", 1)[0] + f":{int(box.url.rsplit(':', 1)[1]) + 1}"
+        wait_http(other + "/health")
+        live, batches = box.client("interactive"), box.client()
+        batches.base_url = other + "/v1"
+        stop = threading.Event()
+
+        def keep_asking() -> None:
+            while not stop.is_set():
+                live.chat.completions.create(model="fake-model", max_tokens=2, user="live",
+                                             messages=[{"role": "user", "content": "now"}],
+                                             extra_body={"fake": {"delay": 0.2}})
+
+        with ThreadPoolExecutor(1) as pool:
+            asking = pool.submit(keep_asking)
+            try:
+                time.sleep(0.5)
+                batch = start(batches, batch_file(4, "aside"))
+                time.sleep(2.0)
+                assert runs_of(fake, "aside") == {}
+                assert batches.batches.retrieve(batch.id).status == "in_progress"
+            finally:
+                stop.set()
+            asking.result()
+        assert wait_status(batches, batch.id, ("completed",), timeout=10).request_counts \
+            .completed == 4
+    assert runs_of(fake, "aside") == {f"aside-{i}": 1 for i in range(4)}
 
 
 def test_a_batch_cancelled_before_it_starts_ends_cancelled_with_nothing_run(fake, tmp_path):

@@ -2,6 +2,8 @@
 fair among the keys whose batches run."""
 
 import asyncio
+import math
+import time
 
 from proxy.tenancy.admission import FairQueue, Tenant
 
@@ -198,3 +200,102 @@ def test_with_no_slots_beside_live_traffic_the_batch_waits_until_it_is_gone():
         assert queue.background_running == 2  # ... and then it runs
         await h.finish()
     asyncio.run(main())
+
+
+class FakeBoard:
+    """The other workers' cells, set by the test; what this queue posts, kept in order."""
+
+    def __init__(self) -> None:
+        self.others = 0.0
+        self.posts: list[float] = []
+
+    def post(self, live_until: float) -> None:
+        self.posts.append(live_until)
+
+    def others_until(self) -> float:
+        return self.others
+
+
+def test_a_batch_waits_while_another_workers_live_traffic_runs_and_lingers():
+    async def main():
+        board = FakeBoard()
+        queue = FairQueue(4, 100, background_cap=3, background_beside_live=0, board=board)
+        board.others = math.inf  # another worker has live traffic on this engine
+        h = Holder(queue)
+        for _ in range(2):
+            h.start(Tenant("batch", background=True), "bg")
+        await asyncio.sleep(0.3)  # no release here will wake it: it looks again by itself
+        assert queue.background_running == 0 and queue.queued("batch", background=True) == 2
+        board.others = time.monotonic() + 0.5  # its last live request ended; the linger runs
+        await asyncio.sleep(0.25)
+        assert queue.background_running == 0
+        await asyncio.sleep(0.4)
+        await settle()
+        assert queue.background_running == 2
+        await h.finish()
+        assert board.posts == []  # background work is not live traffic
+    asyncio.run(main())
+
+
+def test_beside_another_workers_live_traffic_a_batch_keeps_its_slots_beside_live():
+    async def main():
+        board = FakeBoard()
+        board.others = math.inf
+        queue = FairQueue(4, 100, background_cap=3, background_beside_live=1, board=board)
+        h = Holder(queue)
+        for _ in range(3):
+            h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        assert queue.background_running == 1
+        board.others = 0.0
+        await asyncio.sleep(0.3)
+        await settle()
+        assert queue.background_running == 3
+        await h.finish()
+    asyncio.run(main())
+
+
+def test_the_board_hears_only_when_live_traffic_starts_and_when_its_last_request_ends():
+    async def main():
+        board = FakeBoard()
+        queue = FairQueue(2, 100, background_cap=2, background_beside_live=0,
+                          live_linger_s=5.0, board=board)
+        h = Holder(queue)
+        h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        for _ in range(4):  # two run, two wait: live traffic all along
+            h.start(Tenant("live"))
+        await settle()
+        assert board.posts == [math.inf]
+        await h.finish()
+        assert len(board.posts) == 2 and time.monotonic() < board.posts[1] < math.inf
+        h.start(Tenant("live"))  # within the linger, but it may outlast it
+        await settle()
+        assert board.posts[2:] == [math.inf]
+        await h.finish()
+        assert len(board.posts) == 4
+    asyncio.run(main())
+
+
+def test_a_live_request_that_leaves_while_it_waits_takes_its_live_traffic_off_the_board():
+    async def main():
+        board = FakeBoard()
+        queue = FairQueue(1, 100, background_cap=1, background_beside_live=0, board=board)
+        h = Holder(queue)
+        board.others = 0.0
+        h.start(Tenant("batch", background=True), "bg")
+        await settle()
+        waiter = asyncio.create_task(h._hold(Tenant("live"), "live"))
+        await settle()
+        assert board.posts == [math.inf]  # it waits behind the batch line: live traffic
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert board.posts[1:] == [queue.live_until]
+        await h.finish()
+    asyncio.run(main())
+
+
+def test_when_live_traffic_never_limits_a_batch_the_board_is_left_alone():
+    board = FakeBoard()
+    queue = FairQueue(4, 100, background_cap=2, background_beside_live=2, board=board)
+    assert queue.board is None and not queue.board_idle
