@@ -41,7 +41,7 @@ from .protocol.salt import CacheSalts
 from .relay.drain import RELAYED, Drain, tell_siblings
 from .relay.engines import Engines, not_ready
 from .relay.forward import Forwarder
-from .settings import ProxySettings
+from .settings import ProxySettings, batch_slots
 from .tenancy.admission import FairQueue, Observer
 from .tenancy.ledger import Ledger
 from .tenancy.limits import RateLimiter
@@ -223,11 +223,12 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = (),
     store = functools.partial(open_store, settings.keys_location, create=False,
                               pool_size=settings.keys_pool_size)
     auth = Authenticator(functools.partial(store, timeout_s=1.0), settings.key_cache_ttl_s)
+    most_batch_slots, batch_slots_beside_live = batch_slots(settings)
     engines = Engines(settings.engine_endpoints, settings.engine_api_key, lambda index: FairQueue(
         settings.engine_concurrency, settings.max_queued_per_key,
         admission_observer(metrics, lambda: engines, len(settings.engine_endpoints) > 1),
-        background_cap=settings.batch_max_slots,
-        background_beside_live=settings.batch_slots_beside_live,
+        background_cap=most_batch_slots,
+        background_beside_live=batch_slots_beside_live,
         board=board.seat(index) if board is not None else None))
     forwarder = Forwarder(engines,
                           on_error=lambda kind: metrics.upstream_errors.labels(kind).inc())
@@ -238,7 +239,7 @@ def create_app(settings: ProxySettings, siblings: tuple[int, ...] = (),
     gateway = Gateway(settings, auth, forwarder, limiter, ledger, metrics, quota, salts)
     drain = Drain()
     storage = Storage(store, settings.batch_dir, socket.gethostname())
-    runner = Runner(storage, gateway, slots=settings.batch_max_slots,
+    runner = Runner(storage, gateway, slots=most_batch_slots,
                     lease_s=settings.batch_lease_s, poll_s=settings.batch_poll_interval_s,
                     metrics=metrics, draining=lambda: drain.active,
                     slots_in_use=lambda: sum(e.queue.background_running for e in engines.all))

@@ -130,8 +130,9 @@ class ProxySettings(BaseSettings):
     """Batches one key may have unfinished at once; more get 429 ``too_many_batches``."""
     batch_max_slots: int | None = Field(None, ge=1)
     """Engine slots batch lines may hold at once, per worker's share of an engine (never more
-    than the share), while no live traffic runs. Default: three quarters of the share, so a
-    batch fills an idle engine and live traffic that arrives still finds slots free."""
+    than the share), while no live traffic runs. Default: seven eighths of the share (one slot
+    at least left free), so a batch fills an idle engine and live traffic that arrives still
+    finds slots free."""
     batch_slots_beside_live: int = Field(0, ge=0)
     """Engine slots batch lines may hold while live traffic runs (a live request in the engine
     or waiting, or one ended less than a second ago). 0: none, batches run only while no live
@@ -189,9 +190,6 @@ class ProxySettings(BaseSettings):
                 " at least one engine slot")
         if self.proxy_port + self.proxy_workers - 1 > 65535:
             raise ValueError("APPLIANCE_PROXY_PORT + APPLIANCE_PROXY_WORKERS - 1 is not a port")
-        if self.batch_max_slots is None:
-            self.batch_max_slots = max(1, self.engine_concurrency * 3 // 4)
-        self.batch_slots_beside_live = min(self.batch_slots_beside_live, self.batch_max_slots)
         one_key = self.engine_concurrency + self.max_queued_per_key
         if self.max_inflight is None:
             self.max_inflight = 4 * one_key
@@ -200,6 +198,14 @@ class ProxySettings(BaseSettings):
                 f"APPLIANCE_MAX_INFLIGHT ({self.max_inflight}) must exceed what one key can hold:"
                 f" APPLIANCE_ENGINE_CONCURRENCY + APPLIANCE_MAX_QUEUED_PER_KEY = {one_key}")
         return self
+
+
+def batch_slots(settings: ProxySettings) -> tuple[int, int]:
+    """(at most, beside live traffic): the engine slots batch lines may hold in this process's
+    share of an engine (a worker's settings carry its share as ``engine_concurrency``)."""
+    share = settings.engine_concurrency or settings.max_num_seqs
+    most = min(share, settings.batch_max_slots or max(1, share - max(1, share // 8)))
+    return most, min(settings.batch_slots_beside_live, most)
 
 
 def load_settings() -> ProxySettings:

@@ -387,7 +387,7 @@ def test_with_two_workers_a_batch_gives_way_to_live_traffic_in_the_other_one(fak
             finally:
                 stop.set()
             asking.result()
-        assert wait_status(batches, batch.id, ("completed",), timeout=10).request_counts \
+        assert wait_status(batches, batch.id, ("completed",), timeout=60).request_counts \
             .completed == 4
     assert runs_of(fake, "aside") == {f"aside-{i}": 1 for i in range(4)}
 

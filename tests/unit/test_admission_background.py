@@ -299,3 +299,16 @@ def test_when_live_traffic_never_limits_a_batch_the_board_is_left_alone():
     board = FakeBoard()
     queue = FairQueue(4, 100, background_cap=2, background_beside_live=2, board=board)
     assert queue.board is None and not queue.board_idle
+
+
+def test_a_workers_batch_slots_are_sized_from_its_own_share_of_the_engine():
+    from proxy.settings import ProxySettings, batch_slots
+    from proxy.workers import worker_settings
+
+    whole = ProxySettings(max_num_seqs=256, proxy_workers=4)
+    assert batch_slots(whole) == (224, 0)
+    assert batch_slots(worker_settings(whole, 0)) == (56, 0)  # of its 64: room left for live
+    assert batch_slots(ProxySettings(max_num_seqs=8, proxy_workers=1)) == (7, 0)
+    assert batch_slots(ProxySettings(max_num_seqs=1, proxy_workers=1)) == (1, 0)
+    assert batch_slots(ProxySettings(max_num_seqs=8, proxy_workers=1, batch_max_slots=20,
+                                     batch_slots_beside_live=30)) == (8, 8)
