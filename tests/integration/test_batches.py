@@ -368,18 +368,19 @@ def test_with_two_workers_a_batch_gives_way_to_live_traffic_in_the_other_one(fak
         wait_http(other + "/health")
         live, batches = box.client("interactive"), box.client()
         batches.base_url = other + "/v1"
-        stop = threading.Event()
+        stop, flowing = threading.Event(), threading.Event()
 
         def keep_asking() -> None:
             while not stop.is_set():
                 live.chat.completions.create(model="fake-model", max_tokens=2, user="live",
                                              messages=[{"role": "user", "content": "now"}],
                                              extra_body={"fake": {"delay": 0.2}})
+                flowing.set()
 
         with ThreadPoolExecutor(1) as pool:
             asking = pool.submit(keep_asking)
             try:
-                time.sleep(0.5)
+                assert flowing.wait(30)  # live traffic runs (a slow machine's first request)
                 batch = start(batches, batch_file(4, "aside"))
                 time.sleep(2.0)
                 assert runs_of(fake, "aside") == {}
