@@ -415,9 +415,7 @@ class Gateway:
             raise
         if response.status_code >= 400:
             raise await self.engine_failure(ex, response)
-        if response.status_code == 200:
-            note_usage(ex.record, from_json_body(response.content))
-        await ex.answer(response.status_code, client_headers(response.headers), response.content)
+        await self.answer_whole(ex, response)
 
     async def stream(self, ex: Exchange) -> None:
         outcome = StreamOutcome()
@@ -459,10 +457,7 @@ class Gateway:
             # vLLM answers some routes (embeddings, pooling) in one piece whatever ``stream``
             # says: that answer goes to the client as it is, with its own content type.
             await response.aread()
-            if response.status_code == 200:
-                note_usage(ex.record, from_json_body(response.content))
-            await ex.answer(response.status_code, client_headers(response.headers),
-                            response.content)
+            await self.answer_whole(ex, response)
             return
         send = ex.send
         await send(answer_start(ex.record, 200, [*SSE_HEADERS, *ex.answer_headers]))
@@ -472,6 +467,13 @@ class Gateway:
             await self.end_stream(ex, outcome.error)
         else:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def answer_whole(ex: Exchange, response) -> None:
+        """An engine's answer read whole, to the client as it came, its usage noted."""
+        if response.status_code == 200:
+            note_usage(ex.record, from_json_body(response.content))
+        await ex.answer(response.status_code, client_headers(response.headers), response.content)
 
     def with_default_cap(self, route: Route, engine: Engine, body: dict) -> dict | None:
         """The body with ``APPLIANCE_DEFAULT_MAX_TOKENS`` when it names no output cap."""

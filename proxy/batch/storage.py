@@ -91,9 +91,6 @@ class Storage:
     def path_of(self, file_id: str) -> Path:
         return self.directory / f"{file_id}.jsonl"
 
-    def write_bytes(self, file_id: str, data: bytes) -> None:
-        self.write_stream(file_id, [data])
-
     def write_stream(self, file_id: str, chunks: Iterable[bytes]) -> int:
         """Whole or not at all: a temporary name, fsync, rename, fsync of the directory.
         Returns the bytes written."""

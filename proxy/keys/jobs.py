@@ -94,6 +94,10 @@ class Tx(Protocol):
         ...
 
 
+SUCCEEDED = "status_code BETWEEN 200 AND 299"
+"""A result that goes to the output file (``batch.lines.succeeded``); the rest are errors."""
+
+
 class LineResult(NamedTuple):
     """One finished line of a batch, as its row in ``batch_results``."""
 
@@ -255,17 +259,16 @@ class JobTables:
         """(line, result JSON) of up to ``limit`` finished lines after line ``after``, in
         line order: the succeeded ones, or with ``failed`` the others. Paged, so that writing
         a large batch's output never holds all of it at once."""
-        succeeded = "status_code BETWEEN 200 AND 299"
         return self._rows(
             "SELECT line, result FROM batch_results WHERE batch_id = ? AND line > ? AND"
-            f" {'NOT ' if failed else ''}({succeeded}) ORDER BY line LIMIT ?",
+            f" {'NOT ' if failed else ''}({SUCCEEDED}) ORDER BY line LIMIT ?",
             (batch_id, after, limit))
 
     def counts(self, batch_id: str) -> tuple[int, int]:
         """(succeeded, failed) lines so far."""
         rows = self._rows(
-            "SELECT COALESCE(SUM(CASE WHEN status_code BETWEEN 200 AND 299 THEN 1 ELSE 0 END),"
-            " 0), COALESCE(SUM(CASE WHEN status_code BETWEEN 200 AND 299 THEN 0 ELSE 1 END), 0)"
+            f"SELECT COALESCE(SUM(CASE WHEN {SUCCEEDED} THEN 1 ELSE 0 END), 0),"
+            f" COALESCE(SUM(CASE WHEN {SUCCEEDED} THEN 0 ELSE 1 END), 0)"
             " FROM batch_results WHERE batch_id = ?", (batch_id,))
         return int(rows[0][0]), int(rows[0][1])
 

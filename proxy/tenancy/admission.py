@@ -143,10 +143,12 @@ class FairQueue:
             else max(1, min(background_cap, capacity))
         self.background_beside_live = self.background_cap if background_beside_live is None \
             else max(0, min(background_beside_live, self.background_cap))
+        self.gives_way = self.background_beside_live != self.background_cap
+        """Live traffic limits background work: only then is it tracked (linger, board)."""
         self.live_linger_s = live_linger_s
         self.live_until = 0.0
         """Until when (monotonic) the last live request to end counts as live traffic still."""
-        self.board = board if self.background_beside_live != self.background_cap else None
+        self.board = board if self.gives_way else None
         """Nobody reads it when live traffic does not limit background work."""
         self.board_idle = self.board is not None
         """The board shows no live traffic here: the next live request must post its start
@@ -209,7 +211,7 @@ class FairQueue:
 
     def background_cap_now(self) -> int:
         """The slots background lanes may hold now: fewer while live traffic runs."""
-        if self.background_beside_live == self.background_cap:
+        if not self.gives_way:
             return self.background_cap
         if self.running > self.background_running or self.waiting[False] \
                 or time.monotonic() < self.live_until_anywhere():
@@ -299,7 +301,7 @@ class FairQueue:
         self.running -= size
         if lane.background:
             self.background_running -= size
-        elif self.background_beside_live != self.background_cap:
+        elif self.gives_way:
             self.live_until = time.monotonic() + self.live_linger_s
             if self.board is not None:
                 self._post_if_live_gone()
