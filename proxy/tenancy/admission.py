@@ -258,7 +258,7 @@ class FairQueue:
                 self._dequeue(lane, entry)
                 self._dispatch()  # whoever queued behind it may fit now
             if not lane.background:
-                self._post_if_live_gone()
+                self._linger_if_live_gone()
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
 
@@ -301,10 +301,8 @@ class FairQueue:
         self.running -= size
         if lane.background:
             self.background_running -= size
-        elif self.gives_way:
-            self.live_until = time.monotonic() + self.live_linger_s
-            if self.board is not None:
-                self._post_if_live_gone()
+        else:
+            self._linger_if_live_gone()
         self.observe.in_use(self.running)
         self._dispatch()
 
@@ -313,12 +311,16 @@ class FairQueue:
         self.board.post(math.inf)
         self.board_idle = False
 
-    def _post_if_live_gone(self) -> None:
-        """The last live request here ended: the board shows until when it lingers."""
-        if not self.board_idle and self.board is not None \
-                and self.running == self.background_running and not self.waiting[False]:
-            self.board.post(self.live_until)
-            self.board_idle = True
+    def _linger_if_live_gone(self) -> None:
+        """A live request left: if it was the last here (none runs or waits), live traffic
+        lingers from now, and the board shows until when. Under live load most releases skip
+        the clock."""
+        if self.gives_way and self.running == self.background_running \
+                and not self.waiting[False]:
+            self.live_until = time.monotonic() + self.live_linger_s
+            if not self.board_idle and self.board is not None:
+                self.board.post(self.live_until)
+                self.board_idle = True
 
     def _dispatch(self) -> None:
         """Fill free slots from the eligible key whose next request starts earliest, live keys
