@@ -19,6 +19,8 @@ if [ "${PROMETHEUS:-false}" = true ]; then
     apt-get install -y -qq --no-install-recommends prometheus prometheus-blackbox-exporter
     install -m 0644 "$bundle/prometheus/prometheus.yml" /etc/prometheus/prometheus.yml
     install -m 0644 "$bundle/prometheus/appliance-alerts.yml" /etc/prometheus/appliance-alerts.yml
+    # The engines to scrape: the single engine until first boot lists a models file's replicas.
+    install -m 0644 "$bundle/prometheus/appliance-engines.json" /etc/prometheus/appliance-engines.json
     install -m 0644 "$bundle/prometheus/blackbox.yml" /etc/prometheus/blackbox.yml
     install -m 0644 "$bundle/prometheus/prometheus.default" /etc/default/prometheus
     install -m 0644 "$bundle/prometheus/blackbox.default" /etc/default/prometheus-blackbox-exporter
@@ -40,6 +42,7 @@ if [ "${CLOUDWATCH:-false}" = true ]; then
         "$agent/etc/amazon-cloudwatch-agent.json"
     install -m 0644 "$bundle/cloudwatch/appliance-prometheus.yaml" \
         "$agent/etc/appliance-prometheus.yaml"
+    install -m 0644 "$bundle/prometheus/appliance-engines.json" "$agent/etc/appliance-engines.json"
     # Translates and checks the configuration now; the agent starts at boot with the
     # instance's role (the permissions it needs are in the README).
     "$agent/bin/amazon-cloudwatch-agent-ctl" -a fetch-config -m ec2 \

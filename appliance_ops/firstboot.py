@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import gzip
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -48,6 +49,9 @@ from pathlib import Path
 IMDS_URL = "http://169.254.169.254"
 OPS_DIR = "/usr/local/lib/appliance/appliance_ops"
 VENV_BIN = "/usr/local/lib/appliance/venv/bin"
+ENGINE_TARGETS = ("/etc/prometheus/appliance-engines.json,"
+                  "/opt/aws/amazon-cloudwatch-agent/etc/appliance-engines.json")
+"""Where Prometheus and the CloudWatch agent (``observability/``) read the engines to scrape."""
 TOKEN_TTL_S = 300
 SETTING_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # What a user-data line may set; DOMAIN and EMAIL are stored under the APPLIANCE_ prefix.
@@ -111,15 +115,39 @@ def split_user_data(text: str) -> tuple[str, str | None]:
     return text, None
 
 
-def replica_urls(listing: str) -> list[str]:
-    """``appliance-engine --list-replicas``'s 'INDEX MODEL PORT' lines -> each replica's URL."""
-    urls = []
+@dataclass(frozen=True)
+class Replica:
+    """One engine of the models file's plan: ``appliance-engine --list-replicas``'s line."""
+
+    index: int
+    model: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def parse_replicas(listing: str) -> list[Replica]:
+    """``appliance-engine --list-replicas``'s 'INDEX MODEL PORT' lines."""
+    replicas = []
     for line in listing.splitlines():
         fields = line.split()
         if len(fields) != 3 or not fields[0].isdigit() or not fields[2].isdigit():
             raise ValueError(f"not a replica line: {line!r}")
-        urls.append(f"http://127.0.0.1:{fields[2]}")
-    return urls
+        replicas.append(Replica(int(fields[0]), fields[1], int(fields[2])))
+    return replicas
+
+
+def engine_targets(replicas: list[Replica], single_port: str) -> str:
+    """Prometheus's file_sd list of the engines to scrape: each replica, labelled with its
+    index and model, or the single engine when there is no models file."""
+    if not replicas:
+        groups = [{"targets": [f"127.0.0.1:{single_port}"]}]
+    else:
+        groups = [{"targets": [f"127.0.0.1:{r.port}"],
+                   "labels": {"replica": str(r.index), "model": r.model}} for r in replicas]
+    return json.dumps(groups, indent=2) + "\n"
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -248,10 +276,15 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def write_private(path: Path, text: str) -> None:
     """Replace ``path`` atomically with a file only its owner can read."""
+    write_atomically(path, text, 0o600)
+
+
+def write_atomically(path: Path, text: str, mode: int) -> None:
+    """Replace ``path`` at once: a reader (or a kill) sees the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -374,23 +407,25 @@ def size_gateway(args: argparse.Namespace, settings: dict[str, str]) -> None:
     log(f"gateway workers: {workers}; NGINX routes each key to one of them")
 
 
-def place_engines(args: argparse.Namespace, settings: dict[str, str]) -> None:
+def place_engines(args: argparse.Namespace, settings: dict[str, str]) -> list[Replica]:
     """With a models file: one ``appliance-engine@N`` a replica of its plan, the single engine
-    off, and the gateway told where the replicas listen. Without one, nothing changes."""
+    off, and the gateway told where the replicas listen. Without one, nothing changes (and
+    no replica is returned)."""
     if not args.models_file.is_file():
-        return
+        return []
     done = subprocess.run(as_service_user([args.engine_cmd, "--list-replicas", "--fetch"],
                                           args.service_user),
                           capture_output=True, text=True, check=False,
                           env={**os.environ, **ENGINE_FETCH_ENV, **settings,
                                "APPLIANCE_MODELS_FILE": str(args.models_file)})
     try:
-        urls = replica_urls(done.stdout) if done.returncode == 0 else []
+        replicas = parse_replicas(done.stdout) if done.returncode == 0 else []
     except ValueError as exc:
         raise RuntimeError(f"appliance-engine --list-replicas: {exc}") from None
-    if not urls:
+    if not replicas:
         raise RuntimeError(f"the models file's plan does not start ({done.stderr.strip()[-600:]});"
                            f" see: {args.engine_cmd} --plan")
+    urls = [replica.url for replica in replicas]
     settings["APPLIANCE_ENGINE_URLS"] = ",".join(urls)
     previous = args.state_dir / "engine-replicas"
     before = int(previous.read_text()) if previous.is_file() else 0
@@ -406,6 +441,18 @@ def place_engines(args: argparse.Namespace, settings: dict[str, str]) -> None:
     args.state_dir.mkdir(parents=True, exist_ok=True)
     previous.write_text(f"{len(urls)}\n")
     log(f"models file: {len(urls)} engine replica(s), appliance-engine@0 to @{len(urls) - 1}")
+    return replicas
+
+
+def write_engine_targets(args: argparse.Namespace, replicas: list[Replica],
+                         settings: Mapping[str, str]) -> None:
+    """Tell the installed scrapers (Prometheus, the CloudWatch agent: each target file whose
+    directory exists) which engines to scrape; both re-read the file when it changes."""
+    text = engine_targets(replicas, settings.get("APPLIANCE_ENGINE_PORT", "8000"))
+    for path in args.engine_targets:
+        if path.parent.is_dir():
+            write_atomically(path, text, 0o644)
+            log(f"engines to scrape: {max(1, len(replicas))}, in {path}")
 
 
 def maybe_enable_tls(args: argparse.Namespace, settings: Mapping[str, str]) -> bool:
@@ -508,6 +555,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where a models file in user data is written, and read to place the engines",
     )
     p.add_argument(
+        "--engine-targets",
+        type=lambda text: [Path(part) for part in text.split(",") if part],
+        default=[Path(part) for part in env_default("ENGINE_TARGETS", ENGINE_TARGETS).split(",")],
+        help="comma-separated file_sd target files listing the engines to scrape; each is "
+        "written when its directory exists (the scraper is installed)",
+    )
+    p.add_argument(
         "--service-user",
         default=env_default("SERVICE_USER", "appliance"),
         help="run appliance-keys as this user when root ('' to not switch)",
@@ -560,13 +614,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = merge_settings(defaults, existing, parsed.settings, generated)
     size_gateway(args, settings)
     try:
-        place_engines(args, settings)
+        replicas = place_engines(args, settings)
     except RuntimeError as exc:
         log(str(exc))
         write_private(args.env_file, render_env(settings))
         return 1
     write_private(args.env_file, render_env(settings))
     log(f"wrote {args.env_file} ({len(settings)} settings, mode 0600)")
+    write_engine_targets(args, replicas, settings)
 
     apply_cors(args, settings)
     try:

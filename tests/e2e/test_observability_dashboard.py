@@ -34,14 +34,14 @@ def panel_queries() -> list[tuple[str, str]]:
             for target in panel.get("targets", [])]
 
 
-def scrape_config(gateway: str, engine: str, site: str, blackbox: str) -> dict:
-    """The shipped prometheus.yml with this stack's loopback ports in place of the host's."""
+def scrape_config(gateway: str, site: str, blackbox: str) -> dict:
+    """The shipped prometheus.yml with this stack's loopback ports in place of the host's (the
+    engine's are in ``appliance-engines.json`` beside it, as first boot writes it)."""
     config = yaml.safe_load((BUNDLE / "prometheus.yml").read_text())
     config["global"] |= {"scrape_interval": f"{SCRAPE_INTERVAL_S}s",
                          "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"}
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     jobs["appliance-gateway"]["static_configs"][0]["targets"] = [gateway]
-    jobs["vllm"]["static_configs"][0]["targets"] = [engine]
     jobs["appliance-tls"]["static_configs"][0]["targets"] = [site]
     jobs["appliance-tls"]["relabel_configs"][-1]["replacement"] = blackbox
     return config
@@ -117,9 +117,10 @@ def prometheus(vllm, gw, tmp_path_factory):
     site = render(workdir / "nginx", gw.url.removeprefix("http://"))
     blackbox_port, prometheus_port = free_port(), free_port()
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(
-        gw.url.removeprefix("http://"), vllm.url.removeprefix("http://"),
-        site.https + "/health", f"127.0.0.1:{blackbox_port}")))
+        gw.url.removeprefix("http://"), site.https + "/health", f"127.0.0.1:{blackbox_port}")))
     (workdir / RULES.name).write_text(RULES.read_text())
+    (workdir / "appliance-engines.json").write_text(json.dumps(
+        [{"targets": [vllm.url.removeprefix("http://")]}]))
     url = f"http://127.0.0.1:{prometheus_port}"
     with (
         serving(site),

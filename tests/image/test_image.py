@@ -528,6 +528,22 @@ def both_models_answer(instance: Instance, timeout: float = ENGINE_READY_S) -> N
             time.sleep(3)
 
 
+def engines_scraped(instance: Instance, count: int) -> dict[str, tuple[str, str, str]]:
+    """Prometheus's vLLM targets on the instance (address: replica, model, health), once
+    ``count`` of them are up (it re-reads the engine list first boot wrote)."""
+    deadline, scraped = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        answer = json.loads(instance.machine.run(
+            ["curl", "-sf", "http://127.0.0.1:9090/api/v1/targets"]).stdout)
+        scraped = {t["labels"]["instance"]: (t["labels"].get("replica", ""),
+                                             t["labels"].get("model", ""), t["health"])
+                   for t in answer["data"]["activeTargets"] if t["labels"]["job"] == "vllm"}
+        if len(scraped) == count and all(h == "up" for _, _, h in scraped.values()):
+            break
+        time.sleep(3)
+    return scraped
+
+
 def test_a_models_file_serves_both_models_after_first_boot_and_a_reboot(instance):
     """A models file of two models: first boot (run again by hand, as after editing the file)
     switches the single engine off and one appliance-engine@N on per replica; both models are
@@ -541,6 +557,10 @@ def test_a_models_file_serves_both_models_after_first_boot_and_a_reboot(instance
         both_models_answer(instance)
     env = m.run(["cat", "/etc/appliance/appliance.env"]).stdout
     assert "APPLIANCE_ENGINE_URLS=http://127.0.0.1:8000,http://127.0.0.1:8001" in env, env
+    scraped = engines_scraped(instance, count=2)
+    assert scraped == {"127.0.0.1:8000": ("0", "tiny", "up"),
+                       "127.0.0.1:8001": ("1", "tiny-b", "up")}, scraped
+    FINDINGS.append(f"prometheus with a models file: engines scraped {scraped}")
     single = m.run(["systemctl", "is-active", "appliance-engine"], check=False).stdout.strip()
     assert single == "inactive", single
     with phase("reboot with the models file"):

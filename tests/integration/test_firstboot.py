@@ -106,7 +106,17 @@ class Host:
             str(self.systemctl),
             "--engine-cmd",
             str(ENGINE_BIN / "appliance-engine"),
+            "--engine-targets",
+            f"{self.prometheus_targets},{self.root / 'no-cloudwatch' / 'appliance-engines.json'}",
         ]
+
+    @property
+    def prometheus_targets(self) -> Path:
+        """Prometheus's engine list; its directory exists, as when Prometheus is installed (the
+        CloudWatch agent's does not: it is not)."""
+        path = self.root / "prometheus" / "appliance-engines.json"
+        path.parent.mkdir(exist_ok=True)
+        return path
 
     @property
     def models_file(self) -> Path:
@@ -446,6 +456,11 @@ def test_a_models_file_in_user_data_places_one_engine_unit_a_replica(host, tmp_p
     assert host.systemctl_calls() == [
         "disable --now --no-block appliance-engine.service",
         "enable --now --no-block appliance-engine@0.service appliance-engine@1.service"]
+    assert json.loads(host.prometheus_targets.read_text()) == [
+        {"targets": ["127.0.0.1:9100"], "labels": {"replica": "0", "model": "m0"}},
+        {"targets": ["127.0.0.1:9101"], "labels": {"replica": "1", "model": "m1"}}]
+    assert mode(host.prometheus_targets) == 0o644
+    assert not (host.root / "no-cloudwatch").exists()
 
     one = table.split("\n\n")[0] + "\n\n"
     host.models_file.write_text(one)
@@ -456,6 +471,15 @@ def test_a_models_file_in_user_data_places_one_engine_unit_a_replica(host, tmp_p
     assert host.systemctl_calls()[-2:] == [
         "disable --now --no-block appliance-engine@1.service",
         "enable --now --no-block appliance-engine@0.service"]
+    assert [group["targets"] for group in json.loads(host.prometheus_targets.read_text())] \
+        == [["127.0.0.1:9100"]]
+
+
+def test_without_a_models_file_prometheus_scrapes_the_single_engine_on_its_port(host):
+    with fake_imds("APPLIANCE_ENGINE_PORT=8100\n") as imds:
+        done = host.firstboot(imds.url)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(host.prometheus_targets.read_text()) == [{"targets": ["127.0.0.1:8100"]}]
 
 
 def test_a_models_file_that_cannot_be_placed_fails_first_boot_and_says_why(host):

@@ -2,6 +2,7 @@
 promtool for the scrape configuration and the alert rules (and the rules' unit tests), and the
 blackbox exporter for its module file."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -71,8 +72,10 @@ def test_kv_cache_alert_uses_the_current_metric_name():
 def test_scrape_configuration_passes_promtool_and_loads_the_rules(tmp_path):
     shutil.copy(BUNDLE / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(RULES, tmp_path / "appliance-alerts.yml")
+    shutil.copy(BUNDLE / "appliance-engines.json", tmp_path / "appliance-engines.json")
     done = run(tool("promtool"), "check", "config", "prometheus.yml", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "WARNING" not in done.stdout + done.stderr  # e.g. a file_sd file it cannot find
     assert f"SUCCESS: {len(alerts())} rules found" in done.stdout
 
 
@@ -81,8 +84,11 @@ def test_scrape_configuration_scrapes_loopback_and_holds_no_secret():
     config = yaml.safe_load(text)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {"appliance-gateway", "vllm", "appliance-tls"}
+    engines = json.loads((BUNDLE / "appliance-engines.json").read_text())
+    assert jobs["vllm"]["file_sd_configs"] == [{"files": ["appliance-engines.json"]}]
     for job in jobs.values():
-        for target in job["static_configs"][0]["targets"]:
+        groups = job.get("static_configs") or engines
+        for target in (t for group in groups for t in group["targets"]):
             assert re.match(r"(https://)?127\.0\.0\.1[:/]", target), target
         assert not {"authorization", "basic_auth", "bearer_token", "bearer_token_file"} & set(job)
     assert not re.search(r"(?i)api[_-]?key\s*[:=]|bearer\s+\S", text)

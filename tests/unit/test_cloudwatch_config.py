@@ -63,9 +63,19 @@ def test_prometheus_scrape_is_the_appliances_two_endpoints():
     path = Path(prometheus["prometheus_config_path"])
     scrape = yaml.safe_load((BUNDLE / path.name).read_text())
     ours = yaml.safe_load((ROOT / "observability" / "prometheus" / "prometheus.yml").read_text())
-    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in scrape["scrape_configs"]}
-    assert targets == {j["job_name"]: j["static_configs"][0]["targets"]
-                       for j in ours["scrape_configs"] if j["job_name"] != "appliance-tls"}
+    def targets(job: dict) -> list[str]:
+        """A job's static targets, or the name of the engines file first boot writes."""
+        if "file_sd_configs" in job:
+            return [Path(f).name for c in job["file_sd_configs"] for f in c["files"]]
+        return job["static_configs"][0]["targets"]
+
+    theirs = {j["job_name"]: targets(j) for j in scrape["scrape_configs"]}
+    assert theirs == {j["job_name"]: targets(j)
+                      for j in ours["scrape_configs"] if j["job_name"] != "appliance-tls"}
+    assert theirs["vllm"] == ["appliance-engines.json"]
+    vllm = next(j for j in scrape["scrape_configs"] if j["job_name"] == "vllm")
+    engines = [Path(f) for c in vllm["file_sd_configs"] for f in c["files"]]
+    assert [f.parent for f in engines] == [path.parent]  # where 65-observability.sh puts it
     for declaration in prometheus["emf_processor"]["metric_declaration"]:
         assert re.fullmatch(declaration["label_matcher"], "vllm") or re.fullmatch(
             declaration["label_matcher"], "appliance-gateway")
