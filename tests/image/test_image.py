@@ -561,6 +561,13 @@ def test_a_models_file_serves_both_models_after_first_boot_and_a_reboot(instance
     assert scraped == {"127.0.0.1:8000": ("0", "tiny", "up"),
                        "127.0.0.1:8001": ("1", "tiny-b", "up")}, scraped
     FINDINGS.append(f"prometheus with a models file: engines scraped {scraped}")
+    status = m.run(["appliance-status"], check=False, timeout=120)
+    assert status.returncode == 0 and "READY" in status.stdout, status.stdout + status.stderr
+    for replica in ("appliance-engine@0.service", "appliance-engine@1.service"):
+        assert re.search(rf"^{re.escape(replica)} .*\bactive running", status.stdout, re.M), \
+            status.stdout
+    for port in (8000, 8001):
+        assert f"http://127.0.0.1:{port}/health -> 200" in status.stdout, status.stdout
     single = m.run(["systemctl", "is-active", "appliance-engine"], check=False).stdout.strip()
     assert single == "inactive", single
     with phase("reboot with the models file"):
