@@ -253,13 +253,12 @@ class FairQueue:
         except asyncio.CancelledError:
             if not granted.cancelled():
                 stamps.admitted = None  # granted just as the waiter gave up: hand the slot on
-                self._release(lane, size)  # which starts the linger if it was the last
-            else:
-                if entry in lane.waiting:
-                    self._dequeue(lane, entry)
-                    self._dispatch()  # whoever queued behind it may fit now
-                if not lane.background:
-                    self._linger_if_live_gone()
+                self._release(lane, size)
+            elif entry in lane.waiting:
+                self._dequeue(lane, entry)
+                self._dispatch()  # whoever queued behind it may fit now
+            if not lane.background:
+                self._linger_if_live_gone()
             raise
         self.observe.waited(lane.name, loop.time() - queued_at)
 
